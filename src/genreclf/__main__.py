@@ -1,0 +1,3 @@
+from genreclf.cli import main
+
+raise SystemExit(main())
