@@ -1,0 +1,42 @@
+"""Shared fixtures: real FMA files shipped in tests/data and small generated corpora."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+DATA = Path(__file__).parent / "data"
+REAL_MP3 = DATA / "fma_kevin_macleod_danse_macabre_finale.mp3"  # real FMA track: 21.55 s, 44.1 kHz stereo, ID3 + cover
+
+
+def write_mp3(path: Path, seconds: float = 3.0, rate: int = 44100, channels: int = 2, seed: int = 0) -> Path:
+    """Write a short tonal MP3 test clip and return its path."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    tone = 0.3 * np.sin(2 * np.pi * (220 + 40 * seed) * t) + 0.05 * rng.standard_normal(len(t))
+    x = np.stack([tone] * channels, axis=1).astype(np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, x, rate, format="MP3", subtype="MPEG_LAYER_III")
+    return path
+
+
+def write_bad_files(folder: Path) -> dict[str, Path]:
+    """Write the kinds of broken files a real corpus contains; return them by kind."""
+    folder.mkdir(parents=True, exist_ok=True)
+    empty = folder / "empty.mp3"
+    empty.write_bytes(b"")
+    truncated = folder / "truncated.mp3"
+    truncated.write_bytes(write_mp3(folder / "full.mp3").read_bytes()[:300])
+    noise = folder / "random.mp3"
+    noise.write_bytes(np.random.default_rng(1).integers(0, 256, 20000, dtype=np.uint8).tobytes())
+    text = folder / "text.wav"
+    text.write_text("this is not a wav file\n" * 50)
+    return {"empty": empty, "truncated": truncated, "random": noise, "text": text}
+
+
+@pytest.fixture(scope="session")
+def real_mp3() -> Path:
+    return REAL_MP3
