@@ -1,0 +1,312 @@
+"""FMA metadata: tracks.csv + genres.csv -> multi-hot genre labels, splits, artists, subsets."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import re
+from dataclasses import dataclass, fields
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from genreclf.errors import GenreclfError
+
+log = logging.getLogger(__name__)
+
+LABEL_COLUMNS = ("genres", "genres_all")  # ('track', X) columns that can serve as labels
+SUBSETS = ("small", "medium", "large")  # FMA's nested subsets, smallest first
+SPLITS = ("training", "validation", "test")  # FMA's values of ('set', 'split')
+GENRE_COLUMNS = ("genre_id", "parent", "title", "top_level")  # genres.csv columns we need
+
+# The tracks.csv columns load_fma reads (FMA writes 52; the rest are never parsed).
+_NEEDED = (
+    ("track", "genres"),
+    ("track", "genres_all"),
+    ("track", "genre_top"),
+    ("set", "split"),
+    ("set", "subset"),
+    ("artist", "id"),
+    ("album", "id"),
+)
+_GENRE_LIST = re.compile(r"\[\s*(?:\d+\s*(?:,\s*\d+\s*)*)?\]")  # "[]", "[21]", "[76, 103]"
+_FMA_HINT = "expected FMA's metadata file from fma_metadata.zip (https://github.com/mdeff/fma)"
+
+
+@dataclass(frozen=True, eq=False)
+class Genres:
+    """FMA's genre vocabulary in ascending genre_id order (163 genres for the real genres.csv)."""
+
+    ids: np.ndarray  # int64 genre ids, ascending; the column order of every multi-hot matrix
+    names: list[str]  # genre titles, e.g. "Hip-Hop"
+    parents: np.ndarray  # int64 parent genre id, 0 for a root (top-level) genre
+    top_level: np.ndarray  # int64 id of the root genre each genre descends from
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def columns(self, genre_ids: np.ndarray) -> np.ndarray:
+        """Return the vocabulary column of each genre id, -1 for ids not in the vocabulary."""
+        genre_ids = np.asarray(genre_ids, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(self.ids, genre_ids), len(self.ids) - 1)
+        return np.where(self.ids[pos] == genre_ids, pos, -1)
+
+    def ancestors(self, genre_id: int) -> list[int]:
+        """Return the ids of a genre's parent, grandparent, ... up to its root (nearest first)."""
+        parent_of = dict(zip(self.ids.tolist(), self.parents.tolist()))
+        out: list[int] = []
+        parent = parent_of[int(genre_id)]
+        while parent != 0 and parent not in out:
+            out.append(parent)
+            parent = parent_of.get(parent, 0)
+        return out
+
+
+@dataclass(frozen=True, eq=False)
+class Labels:
+    """Per-track genre targets and FMA bookkeeping, rows in tracks.csv order."""
+
+    track_ids: np.ndarray  # int64 (n,)
+    targets: np.ndarray  # uint8 (n, n_genres) multi-hot; an all-zero row = a track without genres
+    genres: list[str]  # genre titles, the column order of targets
+    genre_ids: np.ndarray  # int64 (n_genres,) ascending genre ids
+    genre_parents: np.ndarray  # int64 (n_genres,) parent genre id, 0 for a root
+    genre_top_level: np.ndarray  # int64 (n_genres,) root genre id
+    split: np.ndarray  # str (n,) "training" / "validation" / "test"
+    subset: np.ndarray  # str (n,) smallest FMA subset holding the track: small / medium / large
+    artist_ids: np.ndarray  # int64 (n,)
+    album_ids: np.ndarray  # int64 (n,), -1 where tracks.csv gives none
+    genre_top: np.ndarray  # str (n,) FMA's single root genre title, "" when it has none
+    label_column: str = "genres"  # which tracks.csv column the targets came from
+
+    def __len__(self) -> int:
+        return len(self.track_ids)
+
+    @property
+    def vocabulary(self) -> Genres:
+        """Return the genre vocabulary of the target columns."""
+        return Genres(self.genre_ids, self.genres, self.genre_parents, self.genre_top_level)
+
+    def select(self, rows: np.ndarray) -> Labels:
+        """Return the tracks picked by a boolean mask or an index array (same genre columns)."""
+        rows = np.asarray(rows)
+        per_track = ("track_ids", "targets", "split", "subset", "artist_ids", "album_ids", "genre_top")
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update({name: values[name][rows] for name in per_track})
+        return Labels(**values)
+
+    def in_split(self, name: str) -> Labels:
+        """Return the tracks of one split ("training", "validation" or "test")."""
+        if name not in SPLITS:
+            raise GenreclfError(f"unknown split {name!r}: use one of {', '.join(SPLITS)}")
+        return self.select(self.split == name)
+
+    def row_of(self, track_ids: np.ndarray) -> np.ndarray:
+        """Return the row of each track id; a GenreclfError names the first unknown id."""
+        track_ids = np.asarray(track_ids, dtype=np.int64)
+        order = np.argsort(self.track_ids, kind="stable")
+        known = self.track_ids[order]
+        pos = np.searchsorted(known, track_ids)
+        found = pos < len(known)
+        found[found] = known[pos[found]] == track_ids[found]
+        if not found.all():
+            raise GenreclfError(f"track {int(track_ids[np.argmin(found)])} is not in the metadata")
+        return order[pos]
+
+
+def load_genres(path: str | Path | None = None) -> Genres:
+    """Return the genre vocabulary of an FMA genres.csv (default: the packaged copy)."""
+    if path is None:
+        with resources.as_file(resources.files("genreclf") / "data" / "genres.csv") as packaged:
+            return _read_genres(Path(packaged))
+    return _read_genres(Path(path))
+
+
+def _read_genres(path: Path) -> Genres:
+    if not path.is_file():
+        raise GenreclfError(f"{path} not found: {_FMA_HINT.replace('metadata file', 'genres.csv')}")
+    try:
+        table = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
+        raise GenreclfError(f"{path} is not a readable genres.csv ({_one_line(e)}): {_FMA_HINT}") from None
+    missing = [c for c in GENRE_COLUMNS if c not in table.columns]
+    if missing or table.empty:
+        what = f"no column(s) {', '.join(missing)}" if missing else "no genres"
+        raise GenreclfError(f"{path} has {what}: expected FMA's genres.csv with header {','.join(GENRE_COLUMNS)}")
+    try:
+        ids, parents, top = (table[c].astype(np.int64).to_numpy() for c in ("genre_id", "parent", "top_level"))
+    except (ValueError, TypeError):
+        raise GenreclfError(f"{path} has non-integer genre ids: expected FMA's genres.csv") from None
+    if len(np.unique(ids)) != len(ids):
+        raise GenreclfError(f"{path} lists a genre id twice: expected FMA's genres.csv")
+    order = np.argsort(ids, kind="stable")
+    names = table["title"].fillna("").astype(str).to_numpy()[order].tolist()
+    return Genres(ids[order], names, parents[order], top[order])
+
+
+def load_fma(
+    metadata_dir: str | Path, labels: str = "genres", subset: str | None = None
+) -> Labels:
+    """Return the Labels of FMA's tracks.csv (with genres.csv) in metadata_dir.
+
+    labels: "genres" (the tags given to a track, the reference recipe) or "genres_all"
+    (those plus all their ancestors). subset: None or "full" for every track, else
+    "small", "medium" or "large", which FMA nests (medium holds small, large holds both).
+    Tracks without any genre are kept with an all-zero target row.
+    """
+    if labels not in LABEL_COLUMNS:
+        raise GenreclfError(f"unknown labels {labels!r}: use one of {', '.join(LABEL_COLUMNS)}")
+    if subset not in (None, "full", *SUBSETS):
+        raise GenreclfError(f"unknown subset {subset!r}: use one of {', '.join(SUBSETS)}, full")
+    metadata_dir = Path(metadata_dir)
+    tracks_csv = metadata_dir if metadata_dir.is_file() else metadata_dir / "tracks.csv"
+    genres_csv = tracks_csv.parent / "genres.csv"
+    if genres_csv.is_file():
+        vocabulary = load_genres(genres_csv)
+    else:
+        log.warning("%s not found; using the genre list packaged with genreclf", genres_csv)
+        vocabulary = load_genres()
+
+    table = _read_tracks(tracks_csv)
+    track_ids = _int_column(table.index.to_numpy(), tracks_csv, "track_id", table.index.to_numpy())
+    split = table[("set", "split")].to_numpy(dtype=str)
+    subsets = table[("set", "subset")].to_numpy(dtype=str)
+    for column, values, allowed in (("split", split, SPLITS), ("subset", subsets, SUBSETS)):
+        bad = ~np.isin(values, allowed)
+        if bad.any():
+            row = int(np.argmax(bad))
+            raise GenreclfError(
+                f"{tracks_csv}: track {track_ids[row]} has set {column} {str(values[row])!r}, "
+                f"expected one of {', '.join(allowed)}: {_FMA_HINT}"
+            )
+    if subset in SUBSETS:
+        keep = np.isin(subsets, SUBSETS[: SUBSETS.index(subset) + 1])
+        table, track_ids, split, subsets = table[keep], track_ids[keep], split[keep], subsets[keep]
+
+    targets = _multi_hot(table[("track", labels)], track_ids, vocabulary, tracks_csv, labels)
+    return Labels(
+        track_ids=track_ids,
+        targets=targets,
+        genres=list(vocabulary.names),
+        genre_ids=vocabulary.ids,
+        genre_parents=vocabulary.parents,
+        genre_top_level=vocabulary.top_level,
+        split=split,
+        subset=subsets,
+        artist_ids=_int_column(table[("artist", "id")].to_numpy(), tracks_csv, "artist id", track_ids),
+        album_ids=_int_column(table[("album", "id")].to_numpy(), tracks_csv, "album id", track_ids, -1),
+        genre_top=table[("track", "genre_top")].to_numpy(dtype=str),
+        label_column=labels,
+    )
+
+
+def _read_tracks(path: Path) -> pd.DataFrame:
+    """Read the needed columns of FMA's tracks.csv (3 header rows) as strings."""
+    if not path.is_file():
+        raise GenreclfError(f"{path} not found: {_FMA_HINT.replace('metadata file', 'tracks.csv')}")
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            groups, names, index_row = (next(reader, []) for _ in range(3))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise GenreclfError(f"{path} is not a readable CSV ({_one_line(e)}): {_FMA_HINT}") from None
+    columns = list(zip(groups[1:], names[1:]))
+    missing = [f"{a}.{b}" for a, b in _NEEDED if (a, b) not in columns]
+    if missing or not index_row or index_row[0] != "track_id":
+        what = f"lacks column(s) {', '.join(missing)}" if missing else "has no track_id header row"
+        raise GenreclfError(f"{path} {what}; it is not FMA's tracks.csv: {_FMA_HINT}")
+    usecols = [0] + sorted(columns.index(c) + 1 for c in _NEEDED)  # pandas keeps file order
+    try:
+        table = pd.read_csv(
+            path, header=None, skiprows=3, usecols=usecols, index_col=0, dtype=str,
+            keep_default_na=False, na_filter=False, encoding="utf-8", engine="c",
+        )
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
+        raise GenreclfError(f"{path} is not a readable tracks.csv ({_one_line(e)}): {_FMA_HINT}") from None
+    except pd.errors.EmptyDataError:
+        raise GenreclfError(f"{path} has a header but no tracks: {_FMA_HINT}") from None
+    table.columns = pd.MultiIndex.from_tuples([columns[i - 1] for i in usecols[1:]])
+    return table
+
+
+def _int_column(
+    values: np.ndarray, path: Path, what: str, track_ids: np.ndarray, missing: int | None = None
+) -> np.ndarray:
+    """Parse integer strings such as "2" or "2.0"; empty cells become `missing`, else are an error."""
+    text = pd.Series(values, dtype=str).str.strip()
+    numbers = pd.to_numeric(text.replace("", np.nan), errors="coerce").to_numpy(dtype=np.float64)
+    if missing is not None:
+        numbers[(text == "").to_numpy()] = missing
+    bad = ~(numbers == np.floor(numbers))  # also catches NaN: empty or not a number
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise GenreclfError(
+            f"{path}: track {track_ids[row]} has {what} {str(values[row])!r}, expected an integer: {_FMA_HINT}"
+        )
+    return numbers.astype(np.int64)
+
+
+def _multi_hot(column: pd.Series, track_ids: np.ndarray, vocabulary: Genres, path: Path, labels: str) -> np.ndarray:
+    """Turn list literals such as "[76, 103]" into a uint8 multi-hot matrix."""
+    texts = column.to_numpy(dtype=str)
+    texts = np.where(texts == "", "[]", texts)
+    ok = pd.Series(texts, dtype=str).str.fullmatch(_GENRE_LIST.pattern).to_numpy(dtype=bool)
+    if not ok.all():
+        row = int(np.argmin(ok))
+        raise GenreclfError(
+            f"{path}: track {track_ids[row]} has {labels} {str(texts[row])!r}, "
+            f"expected a list of genre ids like [76, 103]: {_FMA_HINT}"
+        )
+    inner = [t[1:-1] for t in texts]
+    counts = np.array([0 if not s.strip() else s.count(",") + 1 for s in inner], dtype=np.int64)
+    flat = ",".join(s for s in inner if s.strip())
+    genre_ids = np.array(flat.split(","), dtype=np.int64) if flat else np.zeros(0, dtype=np.int64)
+    rows = np.repeat(np.arange(len(texts)), counts)
+    cols = vocabulary.columns(genre_ids)
+    if (cols < 0).any():
+        bad = int(np.argmax(cols < 0))
+        raise GenreclfError(
+            f"{path}: track {track_ids[rows[bad]]} has genre id {genre_ids[bad]}, which is not in "
+            "genres.csv; use the genres.csv that came with this tracks.csv"
+        )
+    targets = np.zeros((len(texts), len(vocabulary)), dtype=np.uint8)
+    targets[rows, cols] = 1
+    return targets
+
+
+def reference_split(
+    track_ids: np.ndarray, seed: int = 0, test_fraction: float = 0.2, validation_fraction: float = 0.1
+) -> np.ndarray:
+    """Return "training"/"validation"/"test" per track: a seeded random split, like the reference study.
+
+    test_fraction of all tracks is test; validation_fraction of the remaining training part
+    becomes validation. The result depends only on the set of ids and the seed, not their order.
+    """
+    if not (0.0 <= test_fraction < 1.0 and 0.0 <= validation_fraction < 1.0):
+        raise GenreclfError(
+            f"split fractions must lie in [0, 1): got test {test_fraction}, validation {validation_fraction}"
+        )
+    track_ids = np.asarray(track_ids, dtype=np.int64)
+    ordered = np.unique(track_ids)
+    if len(ordered) != len(track_ids):
+        raise GenreclfError("reference_split needs distinct track ids; remove the duplicates")
+    n = len(ordered)
+    n_test = int(round(test_fraction * n))
+    n_validation = int(round(validation_fraction * (n - n_test)))
+    by_rank = np.full(n, "training", dtype="<U10")
+    shuffled = np.random.default_rng(seed).permutation(n)
+    by_rank[shuffled[:n_test]] = "test"
+    by_rank[shuffled[n_test : n_test + n_validation]] = "validation"
+    return by_rank[np.searchsorted(ordered, track_ids)]
+
+
+def audio_path(audio_dir: str | Path, track_id: int) -> Path:
+    """Return where FMA stores a track's MP3: audio_dir/AAA/AAABBB.mp3 (id zero-padded to 6 digits)."""
+    name = f"{int(track_id):06d}"
+    return Path(audio_dir) / name[:3] / f"{name}.mp3"
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
