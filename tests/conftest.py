@@ -40,3 +40,21 @@ def write_bad_files(folder: Path) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def real_mp3() -> Path:
     return REAL_MP3
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """A small synthetic FMA-layout corpus: 30 tracks of 4 s (MP3 + tracks.csv + genres.csv)."""
+    from genreclf.synth import make_corpus
+
+    return make_corpus(tmp_path_factory.mktemp("corpus"), 30, seconds=4.0, seed=7, workers=2)
+
+
+@pytest.fixture(scope="session")
+def store_dir(corpus, tmp_path_factory) -> Path:
+    """The feature store of `corpus`."""
+    from genreclf.features import featurize
+
+    out = tmp_path_factory.mktemp("store") / "store"
+    featurize(corpus, out, workers=2, progress=False)
+    return out

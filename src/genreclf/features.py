@@ -1,0 +1,193 @@
+"""Featurize a corpus: audio files -> log-mel features in a FeatureStore.
+
+On a CPU the fastest layout is one single-threaded process per core, each doing
+decode + resample + log-mel for one clip at a time (batching the STFT of many clips
+on a CPU is slower per clip); the parent process only writes rows to the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from genreclf import audio, metadata
+from genreclf.audio import N_FRAMES, N_MELS, N_SAMPLES, SignalConfig
+from genreclf.errors import GenreclfError
+from genreclf.mel import log_mel, log_mel_batch, pad_or_trim, valid_frames
+from genreclf.store import FeatureStore, PartWriter, StoreHeader, atomic_write_text, part_name
+
+__all__ = ["FeatureStore", "FeaturizeResult", "featurize", "featurize_file", "log_mel", "log_mel_batch"]
+
+log = logging.getLogger(__name__)
+
+AUDIO_FOLDERS = ("fma_full", "fma_large", "fma_medium", "fma_small")  # FMA's archive folder names
+MIN_SECONDS = 1.0  # shorter clips are recorded as failed: too little audio to tag
+
+
+@dataclass(frozen=True)
+class FeaturizeResult:
+    """What a featurize run did."""
+
+    store: Path
+    tracks: int  # tracks planned for this part
+    done: int  # tracks with features (this run and earlier runs)
+    failed: int  # tracks recorded in failed.csv
+    seconds: float  # wall time of this run
+    complete: bool  # True once every part of the store is finished
+
+
+def featurize_file(path: str | Path, min_seconds: float = MIN_SECONDS) -> tuple[np.ndarray, int]:
+    """Return (float16 features (938, 128), valid frames) of one clip, padded or cropped to 30 s."""
+    wave = audio.load(path, max_seconds=N_SAMPLES / audio.SAMPLE_RATE)
+    seconds = len(wave) / audio.SAMPLE_RATE
+    if seconds < min_seconds:
+        raise audio.AudioError(f"{path}: too short ({seconds:.2f} s < {min_seconds} s)")
+    feats = log_mel(pad_or_trim(wave))
+    return feats.astype(np.float16), valid_frames(len(wave), N_FRAMES)
+
+
+def find_audio_dir(data_dir: Path) -> Path:
+    """Return the FMA audio folder inside `data_dir` (fma_full, fma_large, fma_medium or fma_small)."""
+    for name in AUDIO_FOLDERS:
+        if (data_dir / name).is_dir():
+            return data_dir / name
+    raise GenreclfError(
+        f"{data_dir}: no audio folder ({', '.join(AUDIO_FOLDERS)}); unzip FMA's audio archive there "
+        "or pass --audio DIR"
+    )
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one clip per process: threads would only contend
+
+
+def _work(job: tuple[int, str, float]) -> tuple[int, np.ndarray | None, int, str]:
+    row, path, min_seconds = job
+    try:
+        feats, n_valid = featurize_file(path, min_seconds)
+        return row, feats, n_valid, ""
+    except audio.AudioError as e:
+        return row, None, 0, str(e)
+    except Exception as e:  # a decoder bug on one odd file must not stop a 10-hour job
+        return row, None, 0, f"{path}: unexpected {type(e).__name__}: {e}"
+
+
+def featurize(
+    data_dir: str | Path,
+    out: str | Path,
+    subset: str | None = None,
+    labels: str = "genres",
+    audio_dir: str | Path | None = None,
+    workers: int | None = None,
+    shard: tuple[int, int] = (0, 1),
+    min_seconds: float = MIN_SECONDS,
+    progress: bool = True,
+) -> FeaturizeResult:
+    """Featurize the FMA-layout corpus in `data_dir` into the store `out`; resumes an unfinished run.
+
+    `data_dir` holds `fma_metadata/` (tracks.csv, genres.csv) and an audio folder such as
+    `fma_large/AAA/AAABBB.mp3`. Tracks whose audio is missing or undecodable are recorded
+    in failed.csv and the job goes on. `shard=(k, n)` featurizes every n-th track from k
+    into part k of n; the store opens once all parts are finished.
+    """
+    t0 = time.perf_counter()
+    data_dir, out = Path(data_dir), Path(out)
+    k, n_shards = shard
+    if not 0 <= k < n_shards:
+        raise GenreclfError(f"shard {k}/{n_shards} is out of range; use K/N with 0 <= K < N")
+    meta_dir = data_dir / "fma_metadata" if (data_dir / "fma_metadata").is_dir() else data_dir
+    labels_ = metadata.load_fma(meta_dir, labels=labels, subset=subset)
+    audio_root = Path(audio_dir) if audio_dir else find_audio_dir(data_dir)
+    header = StoreHeader(
+        signal=SignalConfig(),
+        genres=list(labels_.genres),
+        genre_ids=[int(g) for g in labels_.genre_ids],
+        genre_parents=[int(g) for g in labels_.genre_parents],
+        genre_top_level=[int(g) for g in labels_.genre_top_level],
+        labels=labels,
+        subset=subset or "full",
+        n_parts=n_shards,
+        source=str(data_dir.resolve()),
+    )
+    _write_header(out, header)
+
+    order = np.argsort(labels_.track_ids, kind="stable")[k::n_shards]
+    plan = pd.DataFrame(
+        {
+            "track_id": labels_.track_ids[order],
+            "split": np.asarray(labels_.split)[order],
+            "artist_id": labels_.artist_ids[order],
+            "genre_top": np.asarray(labels_.genre_top)[order],
+            "path": [str(metadata.audio_path(audio_root, t)) for t in labels_.track_ids[order]],
+        }
+    )
+    writer = PartWriter(out / part_name(k, n_shards), plan, labels_.targets[order], N_FRAMES, N_MELS)
+    pending = writer.pending_rows()
+    jobs = [(int(r), plan.at[int(r), "path"], min_seconds) for r in pending]
+    n_workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
+    log.info("featurizing %d of %d tracks into %s with %d worker(s)", len(jobs), len(plan), out, n_workers)
+    bar = tqdm(total=len(plan), initial=len(plan) - len(jobs), unit="clip", desc="featurize",
+               disable=not progress, dynamic_ncols=True, smoothing=0.05)
+    try:
+        _run(jobs, writer, bar, n_workers)
+    except BaseException:  # Ctrl-C included: keep every finished row for the next run
+        writer.close()
+        raise
+    finally:
+        bar.close()
+    counts = writer.finish()
+    complete = all((out / part_name(i, n_shards) / "part.json").exists() for i in range(n_shards))
+    result = FeaturizeResult(out, counts["tracks"], counts["done"], counts["failed"], time.perf_counter() - t0, complete)
+    log.info("%s: %d tracks featurized, %d failed (see failed.csv), %.1f s", out, result.done, result.failed,
+             result.seconds)
+    return result
+
+
+def _write_header(out: Path, header: StoreHeader) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "store.json"
+    if path.exists():
+        old = StoreHeader.read(out)
+        if old != header:
+            raise GenreclfError(
+                f"{out} holds a store made with other options (labels, subset, shards or corpus); "
+                "use a new --out folder or delete it"
+            )
+        return
+    atomic_write_text(path, header.to_json())
+
+
+def _run(jobs: list[tuple[int, str, float]], writer: PartWriter, bar: tqdm, n_workers: int) -> None:
+    last_flush = time.monotonic()
+
+    def record(result: tuple[int, np.ndarray | None, int, str]) -> None:
+        nonlocal last_flush
+        row, feats, n_valid, reason = result
+        if feats is None:
+            writer.fail(row, reason)
+            log.warning("%s", reason)
+        else:
+            writer.write(row, feats, n_valid)
+        bar.update(1)
+        if time.monotonic() - last_flush > 5.0:
+            writer.flush()
+            last_flush = time.monotonic()
+
+    if n_workers == 1:
+        for job in jobs:
+            record(_work(job))
+        return
+    ctx = mp.get_context("spawn")  # fork after torch/OpenMP start-up can deadlock
+    with ctx.Pool(n_workers, initializer=_worker_init) as pool:
+        for result in pool.imap_unordered(_work, jobs, chunksize=4):
+            record(result)

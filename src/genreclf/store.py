@@ -1,0 +1,246 @@
+"""The feature store: one directory per featurized corpus, memory-mapped for reading.
+
+Layout (every file is written atomically; a part is complete only once `part.json` exists):
+
+    STORE/store.json                 signal settings, genre vocabulary, label source, number of parts
+    STORE/part-K-of-N/plan.csv       row, track_id, split, artist_id, genre_top, path (every planned track)
+    STORE/part-K-of-N/targets.npy    uint8 (rows, genres) multi-hot targets
+    STORE/part-K-of-N/features.npy   float16 (rows, 938, 128) log-mel features (npy, memory-mapped)
+    STORE/part-K-of-N/state.npy      int32 (rows,): 0 pending, -1 failed, >0 valid frames
+    STORE/part-K-of-N/failed.csv     track_id, path, reason (appended as failures happen)
+    STORE/part-K-of-N/part.json      written last: counts; marks the part complete
+
+A killed writer leaves `state.npy` saying which rows are done; the next run skips them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from genreclf.audio import SignalConfig
+from genreclf.errors import GenreclfError
+
+STORE_FORMAT = "genreclf-feature-store"
+STORE_VERSION = 1
+PENDING, FAILED = 0, -1
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` so that readers see the old file or the new one, never half."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    """Save `array` as .npy atomically."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def part_name(shard: int, n_shards: int) -> str:
+    """Return the folder name of part `shard` of `n_shards`."""
+    return f"part-{shard}-of-{n_shards}"
+
+
+@dataclass(frozen=True)
+class StoreHeader:
+    """What every part of a store shares (store.json)."""
+
+    signal: SignalConfig
+    genres: list[str]
+    genre_ids: list[int]
+    genre_parents: list[int]
+    genre_top_level: list[int]
+    labels: str  # "genres" or "genres_all"
+    subset: str  # FMA subset the tracks were selected from
+    n_parts: int
+    source: str  # the corpus folder that was featurized
+
+    def to_json(self) -> str:
+        """The header as store.json text."""
+        d = dict(self.__dict__, signal=self.signal.to_dict(), format=STORE_FORMAT, version=STORE_VERSION)
+        return json.dumps(d, indent=1)
+
+    @classmethod
+    def read(cls, store: Path) -> "StoreHeader":
+        """Read STORE/store.json, checking it is a genreclf store."""
+        path = store / "store.json"
+        if not path.exists():
+            raise GenreclfError(f"{store}: not a feature store (no store.json); create one with `genreclf featurize`")
+        try:
+            d = json.loads(path.read_text())
+        except ValueError as e:
+            raise GenreclfError(f"{path}: unreadable ({e}); re-run `genreclf featurize`") from None
+        if d.get("format") != STORE_FORMAT or d.get("version") != STORE_VERSION:
+            raise GenreclfError(f"{store}: not a genreclf feature store of version {STORE_VERSION}; re-featurize")
+        fields = {k: d[k] for k in cls.__dataclass_fields__ if k != "signal"}
+        return cls(signal=SignalConfig.from_dict(d["signal"]), **fields)
+
+
+class PartWriter:
+    """Writes one part of a store, resuming where an earlier run stopped."""
+
+    def __init__(self, part_dir: Path, plan: pd.DataFrame, targets: np.ndarray, n_frames: int, n_mels: int):
+        self.dir = part_dir
+        part_dir.mkdir(parents=True, exist_ok=True)
+        plan = plan.reset_index(drop=True)
+        plan.insert(0, "row", np.arange(len(plan)))
+        plan_path = part_dir / "plan.csv"
+        if plan_path.exists():
+            old = pd.read_csv(plan_path)
+            if not np.array_equal(old["track_id"].to_numpy(), plan["track_id"].to_numpy()):
+                raise GenreclfError(
+                    f"{part_dir} was started with other tracks (another subset, shard or corpus); "
+                    "use a new --out folder or delete this one"
+                )
+        shape = (len(plan), n_frames, n_mels)
+        if not (part_dir / "features.npy").exists() or not plan_path.exists():
+            atomic_save_npy(part_dir / "targets.npy", targets.astype(np.uint8))
+            atomic_save_npy(part_dir / "state.npy", np.zeros(len(plan), np.int32))
+            feats = np.lib.format.open_memmap(part_dir / ".features.npy.tmp", "w+", np.float16, shape)
+            del feats  # a sparse file: pages are written as rows arrive
+            os.replace(part_dir / ".features.npy.tmp", part_dir / "features.npy")
+            atomic_write_text(plan_path, plan.to_csv(index=False))
+        self.plan = plan
+        self.features = np.load(part_dir / "features.npy", mmap_mode="r+")
+        if self.features.shape != shape:
+            raise GenreclfError(f"{part_dir}: features.npy has shape {self.features.shape}, expected {shape}; delete it")
+        self.state = np.load(part_dir / "state.npy", mmap_mode="r+")
+        self._failed = open(part_dir / "failed.csv", "a", newline="", encoding="utf-8")
+        if self._failed.tell() == 0:
+            csv.writer(self._failed).writerow(["track_id", "path", "reason"])
+
+    def pending_rows(self) -> np.ndarray:
+        """Rows not yet done or failed."""
+        return np.flatnonzero(self.state == PENDING)
+
+    def write(self, row: int, features: np.ndarray, n_valid: int) -> None:
+        """Store the features of `row` and mark it done."""
+        self.features[row] = features
+        self.state[row] = n_valid
+
+    def fail(self, row: int, reason: str) -> None:
+        """Record that `row` could not be featurized and why."""
+        rec = self.plan.iloc[row]
+        csv.writer(self._failed).writerow([int(rec.track_id), rec.path, reason])
+        self._failed.flush()
+        self.state[row] = FAILED
+
+    def flush(self) -> None:
+        """Push written rows to disk, features before the state that marks them done."""
+        self.features.flush()
+        self.state.flush()
+
+    def finish(self) -> dict:
+        """Mark the part complete (part.json) once no row is pending; return its counts."""
+        self.flush()
+        self._failed.close()
+        counts = {"tracks": len(self.plan), "done": int((self.state > 0).sum()), "failed": int((self.state < 0).sum())}
+        if counts["done"] + counts["failed"] == counts["tracks"]:
+            atomic_write_text(self.dir / "part.json", json.dumps(counts))
+        return counts
+
+    def close(self) -> None:
+        """Flush and release files without marking the part complete."""
+        self.flush()
+        self._failed.close()
+
+
+class FeatureStore:
+    """A complete store opened for reading: features are memory-mapped, labels in memory."""
+
+    def __init__(self, path: Path, header: StoreHeader, index: pd.DataFrame, targets: np.ndarray, failed: pd.DataFrame):
+        self.path = path
+        self.header = header
+        self.signal = header.signal
+        self.genres = list(header.genres)
+        self.genre_ids = np.asarray(header.genre_ids, dtype=np.int64)
+        self.index = index  # one row per featurized track: track_id, part, row, valid_frames, split, ...
+        self.track_ids = index["track_id"].to_numpy(np.int64)
+        self.valid_frames = index["valid_frames"].to_numpy(np.int64)
+        self.split = index["split"].to_numpy(str)
+        self.artist_ids = index["artist_id"].to_numpy(np.int64)
+        self.targets = targets  # uint8 (tracks, genres), aligned with track_ids
+        self.failed = failed
+        self._position = {int(t): i for i, t in enumerate(self.track_ids)}
+        self._features: list[np.ndarray] | None = None
+
+    @classmethod
+    def open(cls, path: str | Path) -> "FeatureStore":
+        """Open a complete store written by `genreclf featurize`."""
+        path = Path(path)
+        header = StoreHeader.read(path)
+        parts, targets, failed = [], [], []
+        for k in range(header.n_parts):
+            part_dir = path / part_name(k, header.n_parts)
+            if not (part_dir / "part.json").exists():
+                raise GenreclfError(
+                    f"{path}: part {k + 1} of {header.n_parts} is not finished; "
+                    "run the same `genreclf featurize` command again to complete it"
+                )
+            plan = pd.read_csv(part_dir / "plan.csv", dtype={"path": str, "split": str, "genre_top": str},
+                               keep_default_na=False)
+            state = np.load(part_dir / "state.npy")
+            done = state > 0
+            plan = plan.assign(part=k, valid_frames=state)
+            parts.append(plan[done])
+            targets.append(np.load(part_dir / "targets.npy")[done])
+            fails = pd.read_csv(part_dir / "failed.csv", dtype={"path": str, "reason": str}, keep_default_na=False)
+            failed_ids = set(plan.loc[state == FAILED, "track_id"].tolist())
+            failed.append(fails[fails["track_id"].isin(failed_ids)].drop_duplicates("track_id", keep="last"))
+        index = pd.concat(parts, ignore_index=True)
+        order = np.argsort(index["track_id"].to_numpy(), kind="stable")
+        index = index.iloc[order].reset_index(drop=True)
+        all_targets = np.concatenate(targets)[order] if targets else np.zeros((0, len(header.genres)), np.uint8)
+        return cls(path, header, index, all_targets, pd.concat(failed, ignore_index=True))
+
+    def __len__(self) -> int:
+        return len(self.track_ids)
+
+    def __getstate__(self) -> dict:
+        # DataLoader workers get the labels and reopen the memory maps themselves.
+        return dict(self.__dict__, _features=None)
+
+    def _maps(self) -> list[np.ndarray]:
+        if self._features is None:
+            self._features = [
+                np.load(self.path / part_name(k, self.header.n_parts) / "features.npy", mmap_mode="r")
+                for k in range(self.header.n_parts)
+            ]
+        return self._features
+
+    def item(self, i: int) -> np.ndarray:
+        """Return the (frames, mels) float16 features of the i-th track (a memory-mapped view)."""
+        part, row = int(self.index.at[i, "part"]), int(self.index.at[i, "row"])
+        return self._maps()[part][row]
+
+    def position(self, track_id: int) -> int:
+        """Return the position of `track_id` in track_ids."""
+        try:
+            return self._position[int(track_id)]
+        except KeyError:
+            raise GenreclfError(f"track {track_id} is not in the store {self.path}") from None
+
+    def features(self, track_id: int) -> np.ndarray:
+        """Return the (938, 128) float16 features of a track."""
+        return self.item(self.position(track_id))
+
+    def describe(self) -> str:
+        """One line saying what the store holds."""
+        h = self.header
+        return (
+            f"{len(self)} tracks ({len(self.failed)} failed) of FMA subset '{h.subset}' from {h.source}, "
+            f"labels '{h.labels}', {len(self.genres)} genres"
+        )

@@ -1,0 +1,124 @@
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import write_bad_files
+from genreclf import audio
+from genreclf.errors import GenreclfError
+from genreclf.features import FeatureStore, featurize, featurize_file
+from genreclf.metadata import audio_path, load_fma
+from genreclf.mel import log_mel, pad_or_trim
+
+
+def test_store_holds_the_corpus(corpus, store_dir):
+    store = FeatureStore.open(store_dir)
+    labels = load_fma(corpus / "fma_metadata")
+    assert len(store) == len(labels) == 30 and len(store.failed) == 0
+    np.testing.assert_array_equal(store.track_ids, np.sort(labels.track_ids))
+    assert store.genres == list(labels.genres) and len(store.genres) == 163
+    rows = labels.row_of(store.track_ids)
+    np.testing.assert_array_equal(store.targets, labels.targets[rows])
+    np.testing.assert_array_equal(store.split, labels.split[rows])
+    tid = int(store.track_ids[3])
+    feats = store.features(tid)
+    assert feats.shape == (938, 128) and feats.dtype == np.float16
+    wave = audio.load(audio_path(corpus / "fma_large", tid))
+    expected = log_mel(pad_or_trim(wave))
+    assert np.abs(feats.astype(np.float32) - expected).max() < 2e-3  # float16 storage
+    assert store.valid_frames[3] == -(-len(wave) // 512)  # 4-s clip: real frames only, the rest padding
+    assert store.signal == audio.SignalConfig()
+
+
+def test_real_fma_mp3_featurizes(real_mp3):
+    feats, n_valid = featurize_file(real_mp3)
+    assert feats.shape == (938, 128)
+    assert n_valid == -(-int(21.55 * 16000) // 512) or abs(n_valid - 674) <= 2  # 21.55 s of 30
+
+
+def _copy_corpus(corpus, tmp_path):
+    dst = tmp_path / "corpus"
+    shutil.copytree(corpus, dst)
+    return dst
+
+
+def test_bad_files_are_recorded_and_the_job_goes_on(corpus, tmp_path):
+    data = _copy_corpus(corpus, tmp_path)
+    ids = load_fma(data / "fma_metadata").track_ids
+    bad = write_bad_files(tmp_path / "bad")
+    victims = {}
+    for tid, kind in zip(ids[:4], ["empty", "truncated", "random", "text"]):
+        shutil.copyfile(bad[kind], audio_path(data / "fma_large", tid))
+        victims[int(tid)] = kind
+    os.remove(audio_path(data / "fma_large", ids[4]))
+    victims[int(ids[4])] = "missing"
+    result = featurize(data, tmp_path / "store", workers=2, progress=False)
+    assert (result.done, result.failed, result.complete) == (25, 5, True)
+    store = FeatureStore.open(tmp_path / "store")
+    assert len(store) == 25 and set(store.failed["track_id"]) == set(victims)
+    reasons = dict(zip(store.failed["track_id"], store.failed["reason"]))
+    assert "empty" in reasons[int(ids[0])]
+    assert "no such file" in reasons[int(ids[4])]
+    assert all("\n" not in r for r in reasons.values())
+    # Running again changes nothing and keeps the failures.
+    again = featurize(data, tmp_path / "store", workers=1, progress=False)
+    assert (again.done, again.failed) == (25, 5)
+
+
+def test_killed_run_resumes_to_the_same_store(corpus, store_dir, tmp_path):
+    out = tmp_path / "store"
+    cmd = [sys.executable, "-m", "genreclf", "-q", "featurize", "--data", str(corpus), "--out", str(out),
+           "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = out / "part-0-of-1" / "state.npy"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if state.exists() and (np.load(state) != 0).sum() >= 5:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = int((np.load(state) != 0).sum())
+    assert 5 <= done < 30, "the run was not interrupted in the middle"
+    with pytest.raises(GenreclfError, match="not finished"):
+        FeatureStore.open(out)
+    result = featurize(corpus, out, workers=2, progress=False)
+    assert result.complete and result.done == 30
+    resumed, plain = FeatureStore.open(out), FeatureStore.open(store_dir)
+    np.testing.assert_array_equal(resumed.track_ids, plain.track_ids)
+    np.testing.assert_array_equal(resumed.valid_frames, plain.valid_frames)
+    for i in range(len(plain)):
+        np.testing.assert_array_equal(resumed.item(i), plain.item(i))
+
+
+def test_reusing_a_store_with_other_options_is_refused(corpus, store_dir):
+    with pytest.raises(GenreclfError, match="other options"):
+        featurize(corpus, store_dir, labels="genres_all", progress=False)
+
+
+def test_not_a_store_and_missing_audio_folder(tmp_path, corpus):
+    with pytest.raises(GenreclfError, match="not a feature store"):
+        FeatureStore.open(tmp_path)
+    meta_only = tmp_path / "meta_only"
+    shutil.copytree(corpus / "fma_metadata", meta_only / "fma_metadata")
+    with pytest.raises(GenreclfError, match="no audio folder"):
+        featurize(meta_only, tmp_path / "s", progress=False)
+
+
+def test_subset_and_genres_all(corpus, tmp_path):
+    featurize(corpus, tmp_path / "small", subset="small", labels="genres_all", workers=1, progress=False)
+    store = FeatureStore.open(tmp_path / "small")
+    labels = load_fma(corpus / "fma_metadata", labels="genres_all", subset="small")
+    assert len(store) == len(labels) > 0
+    assert store.header.subset == "small" and store.header.labels == "genres_all"
+    plain = load_fma(corpus / "fma_metadata")
+    # genres_all adds ancestors: never fewer labels than the track's own genres
+    rows = plain.row_of(store.track_ids)
+    assert (store.targets.sum(1) >= plain.targets[rows].sum(1)).all()
+    assert isinstance(store.index, pd.DataFrame)
