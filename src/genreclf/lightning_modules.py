@@ -1,0 +1,299 @@
+"""LightningModules: supervised tagging (weighted BCE) and masked-frame pretraining.
+
+Batches are dicts {"x": float32 (B, T, n_mels), "lengths": int64 (B,), "y": float32 (B, G)};
+"lengths" may be left out when every frame is real, "y" is not needed for pretraining.
+Hyperparameters are saved as plain dicts, so a `.ckpt` resumes and reloads with
+`load_from_checkpoint` without unpickling our classes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from genreclf.errors import GenreclfError
+from genreclf.models import (
+    FrameReconstructionHead,
+    ModelConfig,
+    TransformerConfig,
+    TransformerEncoder,
+    config_from_dict,
+    config_to_dict,
+    init_keras_style,
+    model_from_config,
+)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings of supervised training (defaults: the reference's)."""
+
+    lr: float = 1e-5  # Adam learning rate
+    beta1: float = 0.9  # Adam beta_1
+    beta2: float = 0.98  # Adam beta_2 (TF transformer tutorial value, used for both models)
+    eps: float = 1e-9  # Adam epsilon
+    weight_decay: float = 0.0  # L2 penalty added by Adam (the reference uses none)
+    pos_weight: float = 4.0  # BCE weight of positive labels, the same for every genre
+    plateau_factor: float = 0.1  # ReduceLROnPlateau: multiply lr by this (Keras default)
+    plateau_patience: int = 20  # ReduceLROnPlateau: epochs without val_loss improvement
+    min_lr: float = 1e-7  # ReduceLROnPlateau: lower bound of the lr
+
+    def __post_init__(self) -> None:
+        _check_optim(self)
+        if not self.pos_weight > 0:
+            raise GenreclfError(f"pos_weight must be > 0, got {self.pos_weight}")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Masking and optimisation settings of masked-frame pretraining."""
+
+    mask_ratio: float = 0.15  # target fraction of real frames to mask (BERT's rate)
+    mask_span: int = 8  # frames per masked span (~0.26 s); 1 masks single frames
+    lr: float = 1e-4  # Adam learning rate (ours; the reference's is not published)
+    beta1: float = 0.9  # Adam beta_1
+    beta2: float = 0.98  # Adam beta_2
+    eps: float = 1e-9  # Adam epsilon
+    weight_decay: float = 0.0  # L2 penalty added by Adam
+    plateau_factor: float = 0.1  # ReduceLROnPlateau: multiply lr by this
+    plateau_patience: int = 20  # ReduceLROnPlateau: epochs without val_loss improvement
+    min_lr: float = 1e-7  # ReduceLROnPlateau: lower bound of the lr
+
+    def __post_init__(self) -> None:
+        _check_optim(self)
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise GenreclfError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.mask_span < 1:
+            raise GenreclfError(f"mask_span must be >= 1, got {self.mask_span}")
+
+
+def _check_optim(cfg: TrainConfig | PretrainConfig) -> None:
+    name = type(cfg).__name__
+    if not cfg.lr > 0 or cfg.weight_decay < 0 or cfg.min_lr < 0:
+        raise GenreclfError(f"{name}: lr must be > 0, weight_decay and min_lr >= 0; got {cfg}")
+    if not 0.0 < cfg.plateau_factor < 1.0 or cfg.plateau_patience < 0:
+        raise GenreclfError(
+            f"{name}: plateau_factor must be in (0, 1) and plateau_patience >= 0; got {cfg}"
+        )
+
+
+def weighted_bce(logits: Tensor, targets: Tensor, pos_weight: float) -> Tensor:
+    """Return BCE-with-logits averaged over all (clip, genre) pairs, positives weighted by pos_weight."""
+    pw = torch.full(
+        (logits.shape[-1],), float(pos_weight), dtype=logits.dtype, device=logits.device
+    )
+    return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype), pos_weight=pw)
+
+
+def span_mask(
+    lengths: Tensor,
+    frames: int,
+    ratio: float,
+    span: int,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Return a (batch, frames) bool mask: random spans covering ~ratio of each clip's real frames."""
+    # Spans may overlap, so the masked fraction is at most ceil(ratio * length / span) * span.
+    lengths = lengths.to(torch.int64)
+    device = lengths.device
+    span_len = torch.clamp(lengths, max=span)  # a clip shorter than a span gets one shorter span
+    n_spans = torch.ceil(ratio * lengths / span_len).to(torch.int64).clamp(min=1)
+    n_max = int(n_spans.max())
+    u = torch.rand(lengths.shape[0], n_max, device=device, generator=generator)
+    starts = (u * (lengths - span_len + 1).unsqueeze(1)).to(torch.int64)
+    offsets = torch.arange(span, device=device)
+    pos = starts.unsqueeze(-1) + offsets  # (B, n_max, span)
+    span_ids = torch.arange(n_max, device=device)
+    keep = (offsets < span_len[:, None, None]) & (span_ids[None, :, None] < n_spans[:, None, None])
+    mask = torch.zeros(lengths.shape[0], frames + 1, dtype=torch.bool, device=device)
+    # Dropped positions go to the spare column `frames`, cut off below.
+    pos = torch.where(keep, pos, torch.full_like(pos, frames))
+    mask.scatter_(1, pos.flatten(1), True)
+    return mask[:, :frames]
+
+
+def _adam_with_plateau(
+    module: L.LightningModule, cfg: TrainConfig | PretrainConfig
+) -> dict[str, Any]:
+    """Return Lightning's optimiser dict: Adam + ReduceLROnPlateau on val_loss."""
+    opt = torch.optim.Adam(
+        module.parameters(),
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+    )
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt,
+        mode="min",
+        factor=cfg.plateau_factor,
+        patience=cfg.plateau_patience,
+        min_lr=cfg.min_lr,
+    )
+    # strict=False: a run without validation data just keeps its lr (Lightning warns).
+    return {
+        "optimizer": opt,
+        "lr_scheduler": {
+            "scheduler": sched,
+            "monitor": "val_loss",
+            "interval": "epoch",
+            "strict": False,
+        },
+    }
+
+
+def _log_epoch(module: L.LightningModule, name: str, loss: Tensor, batch: dict[str, Tensor]) -> None:
+    # Epoch means weighted by batch size, averaged across DDP ranks.
+    module.log(
+        name,
+        loss,
+        on_step=False,
+        on_epoch=True,
+        prog_bar=True,
+        sync_dist=True,
+        batch_size=len(batch["x"]),
+    )
+
+
+def _as_model_config(cfg: ModelConfig | dict[str, Any]) -> ModelConfig:
+    return config_from_dict(cfg) if isinstance(cfg, dict) else cfg
+
+
+def _as_dataclass(cls: type, cfg: Any) -> Any:
+    if cfg is None:
+        return cls()
+    if isinstance(cfg, cls):
+        return cfg
+    if isinstance(cfg, dict):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise GenreclfError(
+                f"unknown key(s) {unknown} in {cls.__name__}; known keys: {sorted(known)}"
+            )
+        return cls(**cfg)
+    raise TypeError(f"expected {cls.__name__} or dict, got {type(cfg).__name__}")
+
+
+class TaggerModule(L.LightningModule):
+    """Supervised multi-label training of a GRUTagger or TransformerTagger."""
+
+    def __init__(
+        self,
+        model_config: ModelConfig | dict[str, Any],
+        train_config: TrainConfig | dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.model_config = _as_model_config(model_config)
+        self.train_config: TrainConfig = _as_dataclass(TrainConfig, train_config)
+        self.save_hyperparameters(
+            {
+                "model_config": config_to_dict(self.model_config),
+                "train_config": dataclasses.asdict(self.train_config),
+            }
+        )
+        self.model = model_from_config(self.model_config)
+
+    def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """Return logits (batch, n_genres)."""
+        return self.model(x, lengths)
+
+    def _loss(self, batch: dict[str, Tensor]) -> Tensor:
+        logits = self.model(batch["x"], batch.get("lengths"))
+        return weighted_bce(logits, batch["y"], self.train_config.pos_weight)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        """Return the weighted BCE of one batch."""
+        loss = self._loss(batch)
+        _log_epoch(self, "train_loss", loss, batch)
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        """Log the weighted BCE of one validation batch."""
+        loss = self._loss(batch)
+        _log_epoch(self, "val_loss", loss, batch)
+
+    def on_train_epoch_end(self) -> None:
+        self.log("lr", self.optimizers().param_groups[0]["lr"], on_epoch=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        return _adam_with_plateau(self, self.train_config)
+
+
+class PretrainModule(L.LightningModule):
+    """Masked-frame pretraining of a TransformerTagger's encoder.
+
+    Random spans of real frames are replaced by a learned mask vector; the encoder
+    and a FrameReconstructionHead predict the original frames; the loss is the MSE
+    over masked real frames only. `encoder_state_dict()` gives weights for
+    `TransformerTagger.load_encoder_state_dict`.
+    """
+
+    def __init__(
+        self,
+        model_config: TransformerConfig | dict[str, Any],
+        pretrain_config: PretrainConfig | dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.model_config = _as_model_config(model_config)
+        if not isinstance(self.model_config, TransformerConfig):
+            raise GenreclfError(
+                "masked-frame pretraining needs a transformer model config, "
+                f"got kind {self.model_config.kind!r}"
+            )
+        self.pretrain_config: PretrainConfig = _as_dataclass(PretrainConfig, pretrain_config)
+        self.save_hyperparameters(
+            {
+                "model_config": config_to_dict(self.model_config),
+                "pretrain_config": dataclasses.asdict(self.pretrain_config),
+            }
+        )
+        n_mels = self.model_config.n_mels
+        # Same attribute name as in TransformerTagger, so keys are "encoder.*" in both.
+        self.encoder = TransformerEncoder(self.model_config)
+        # Learned rather than 0: zero is an ordinary log-mel value (-40 dB below the clip's peak).
+        self.mask_vector = nn.Parameter(torch.zeros(n_mels))
+        self.recon = FrameReconstructionHead(n_mels)
+        init_keras_style(self)
+
+    def masked_loss(
+        self, x: Tensor, lengths: Tensor | None, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Return the MSE between reconstructed and original frames over masked real frames."""
+        b, t, _ = x.shape
+        if lengths is None:
+            lengths = torch.full((b,), t, dtype=torch.int64, device=x.device)
+        cfg = self.pretrain_config
+        mask = span_mask(lengths, t, cfg.mask_ratio, cfg.mask_span, generator)  # real frames only
+        x_in = torch.where(mask.unsqueeze(-1), self.mask_vector.to(x.dtype), x)
+        pred = self.recon(self.encoder(x_in, lengths))
+        return F.mse_loss(pred[mask], x[mask])
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        """Return the masked-frame MSE of one batch."""
+        loss = self.masked_loss(batch["x"], batch.get("lengths"))
+        _log_epoch(self, "train_loss", loss, batch)
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        """Log the masked-frame MSE of one validation batch."""
+        # The same masks every epoch, so that val_loss moves only when the model does.
+        gen = torch.Generator(device=batch["x"].device).manual_seed(batch_idx)
+        loss = self.masked_loss(batch["x"], batch.get("lengths"), gen)
+        _log_epoch(self, "val_loss", loss, batch)
+
+    def on_train_epoch_end(self) -> None:
+        self.log("lr", self.optimizers().param_groups[0]["lr"], on_epoch=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        return _adam_with_plateau(self, self.pretrain_config)
+
+    def encoder_state_dict(self) -> dict[str, Tensor]:
+        """Return detached copies of the encoder weights, keyed as in TransformerTagger ("encoder.*")."""
+        return {f"encoder.{k}": v.detach().clone() for k, v in self.encoder.state_dict().items()}
