@@ -1,0 +1,347 @@
+"""The `genreclf` command: thin wrappers that parse arguments and call the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from genreclf import __version__
+from genreclf.errors import GenreclfError
+
+log = logging.getLogger("genreclf")
+
+
+def fatal(message: str, code: int = 2) -> int:
+    """Print a one-line error for the user and return the exit code."""
+    print(f"genreclf: error: {message}", file=sys.stderr)
+    return code
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard takes K/N (e.g. 0/4), not {text!r}") from None
+    if not 0 <= k < n:
+        raise argparse.ArgumentTypeError(f"--shard {text}: need 0 <= K < N")
+    return k, n
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, not {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, not {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, not {value}")
+    return value
+
+
+# --- commands -------------------------------------------------------------------------------
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from genreclf.synth import make_corpus
+
+    out = make_corpus(args.out, args.tracks, seconds=args.seconds, seed=args.seed, workers=args.workers)
+    print(f"wrote a synthetic FMA-layout corpus of {args.tracks} tracks to {out}")
+    return 0
+
+
+def cmd_featurize(args: argparse.Namespace) -> int:
+    from genreclf.features import featurize
+
+    result = featurize(
+        args.data,
+        args.out,
+        subset=args.subset,
+        labels=args.labels,
+        audio_dir=args.audio,
+        workers=args.workers,
+        shard=args.shard,
+        min_seconds=args.min_seconds,
+        progress=not args.quiet,
+    )
+    rate = result.done / result.seconds if result.seconds else 0.0
+    print(
+        f"{result.store}: {result.done} of {result.tracks} tracks featurized, {result.failed} failed "
+        f"(listed in failed.csv), {result.seconds:.1f} s this run ({rate:.1f} clips/s)"
+    )
+    if not result.complete:
+        print(f"{result.store}: other shards are still to be featurized before the store can be read")
+    return 0
+
+
+def _fit_config(args: argparse.Namespace, model: str):
+    from genreclf.train import FitConfig
+
+    return FitConfig(
+        model=model, epochs=args.epochs, batch_size=args.batch_size, min_crop=args.min_crop,
+        max_crop=args.max_crop, val_crop=args.max_crop, split=args.split, seed=args.seed, workers=args.workers,
+        early_stopping=args.early_stopping, pretrained=getattr(args, "pretrained", None),
+        accelerator=args.accelerator, devices=args.devices,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from genreclf.lightning_modules import TrainConfig
+    from genreclf.train import train
+
+    optim = TrainConfig(lr=args.lr, pos_weight=args.pos_weight, weight_decay=args.weight_decay,
+                        plateau_patience=args.plateau_patience)
+    result = train(args.store, args.out, _fit_config(args, args.model), optim, resume=args.resume,
+                   progress=not args.quiet)
+    print(f"{args.model}: {result.parameters:,} parameters, {result.epochs} epochs in {result.seconds:.0f} s, "
+          f"best val_loss {result.best_val_loss:.4f}; model written to {result.model_path}")
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from genreclf.lightning_modules import PretrainConfig
+    from genreclf.train import pretrain
+
+    optim = PretrainConfig(lr=args.lr, mask_ratio=args.mask_ratio, plateau_patience=args.plateau_patience)
+    result = pretrain(args.store, args.out, _fit_config(args, "transformer"), optim, resume=args.resume,
+                      progress=not args.quiet)
+    print(f"pretrained the transformer encoder ({result.parameters:,} parameters) for {result.epochs} epochs, "
+          f"best masked-frame val MSE {result.best_val_loss:.4f}; encoder written to {result.model_path} "
+          f"(use it with `genreclf train --model transformer --pretrained {result.model_path}`)")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from genreclf.evaluate import evaluate, format_table
+
+    out = args.out or (Path(args.model) if Path(args.model).is_dir() else Path(args.model).parent) / "metrics.json"
+    result = evaluate(args.model, args.store, split=args.split, part=args.part, crop=args.crop,
+                      n_crops=args.crops, seed=args.seed, out=out, progress=not args.quiet)
+    print(format_table([result]))
+    print(f"metrics written to {out} (predictions in {Path(out).with_name('predictions.npz')})")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import json
+
+    from genreclf.audio import find_audio_files
+    from genreclf.predict import Tagger
+
+    tagger = Tagger.load(args.model, crop=args.crop, n_crops=args.crops)
+    records, failed = [], 0
+    for source in args.inputs:
+        try:
+            files = find_audio_files(source)
+        except GenreclfError as e:
+            records.append({"file": str(source), "error": str(e)})
+            failed += 1
+            continue
+        if not files:
+            records.append({"file": str(source), "error": f"{source}: no audio files found in this folder"})
+            failed += 1
+        for path in files:
+            try:
+                top = tagger.predict(path).top(args.top)
+                records.append({"file": str(path), "genres": [{"genre": g, "probability": round(p, 4)} for g, p in top]})
+            except GenreclfError as e:
+                records.append({"file": str(path), "error": str(e)})
+                failed += 1
+    if args.format == "json":
+        print(json.dumps(records, indent=1))
+    elif args.format == "csv":
+        import csv
+
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["file", "rank", "genre", "probability", "error"])
+        for r in records:
+            for rank, g in enumerate(r.get("genres", []), 1):
+                writer.writerow([r["file"], rank, g["genre"], g["probability"], ""])
+            if "error" in r:
+                writer.writerow([r["file"], "", "", "", r["error"]])
+    else:
+        for r in records:
+            print(r["file"])
+            if "error" in r:
+                print(f"  error: {r['error']}")
+            for g in r.get("genres", []):
+                print(f"  {g['probability']:6.3f}  {g['genre']}")
+    if failed:
+        print(f"genreclf: {failed} input(s) could not be tagged (see the errors above)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from genreclf.demo import run_demo
+
+    run_demo(args.out, tracks=args.tracks, seconds=args.seconds, epochs=args.epochs, progress=not args.quiet)
+    return 0
+
+
+# --- parser ---------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of the `genreclf` command."""
+    parser = argparse.ArgumentParser(
+        prog="genreclf",
+        description="Multi-label music genre classification on the Free Music Archive (FMA): "
+        "featurize audio to log-mel spectrograms, train GRU and Transformer taggers, evaluate, predict.",
+    )
+    parser.add_argument("--version", action="version", version=f"genreclf {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser(
+        "synth",
+        help="write a synthetic FMA-layout corpus (MP3 + tracks.csv + genres.csv)",
+        description="Write a synthetic corpus in FMA's exact layout and formats: OUT/fma_metadata/tracks.csv, "
+        "OUT/fma_metadata/genres.csv and 44.1 kHz stereo MP3s at OUT/fma_large/AAA/AAABBB.mp3. "
+        "Each genre has an acoustic signature, so a working pipeline learns it and a broken one does not.",
+    )
+    p.add_argument("out", type=Path, help="output folder")
+    p.add_argument("--tracks", type=_positive_int, default=200, help="number of tracks (default 200)")
+    p.add_argument("--seconds", type=_positive_float, default=30.0, help="clip length in seconds (default 30)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same corpus")
+    p.add_argument("--workers", type=_positive_int, default=None, help="encoder processes (default: all cores)")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser(
+        "featurize",
+        help="turn an FMA-layout corpus into a feature store",
+        description="Decode every track of an FMA-layout corpus (DATA/fma_metadata + DATA/fma_large/AAA/AAABBB.mp3), "
+        "compute 128-band log-mel spectrograms (30 s, 938 frames) and write them to a memory-mapped float16 store. "
+        "Undecodable files are listed in STORE/part-*/failed.csv and the job goes on; an interrupted run resumes "
+        "when the same command is run again.",
+    )
+    p.add_argument("--data", type=Path, required=True, help="corpus folder holding fma_metadata/ and the audio")
+    p.add_argument("--out", type=Path, required=True, help="store folder to write (or to resume)")
+    p.add_argument("--subset", choices=["small", "medium", "large", "full"], default=None,
+                   help="FMA subset to featurize (default: every track in tracks.csv)")
+    p.add_argument("--labels", choices=["genres", "genres_all"], default="genres",
+                   help="targets from the track's own genres (reference recipe) or with their ancestors")
+    p.add_argument("--audio", type=Path, default=None,
+                   help="audio folder (default: DATA/fma_full, fma_large, fma_medium or fma_small)")
+    p.add_argument("--workers", type=_positive_int, default=None, help="decoder processes (default: all cores)")
+    p.add_argument("--shard", type=_shard, default=(0, 1), metavar="K/N",
+                   help="featurize part K of N (0-based) into its own part of the store")
+    p.add_argument("--min-seconds", type=_positive_float, default=1.0,
+                   help="clips shorter than this are recorded as failed (default 1.0)")
+    p.set_defaults(func=cmd_featurize)
+
+    for name in ("train", "pretrain"):
+        if name == "train":
+            p = sub.add_parser(
+                "train", help="train a GRU or Transformer tagger on a feature store",
+                description="Train on the store's training split with random 128-256-frame crops and a positively "
+                "weighted binary cross-entropy; the epoch with the lowest validation loss becomes "
+                "OUT/model.safetensors. Progress, losses per epoch (OUT/logs/metrics.csv) and an ETA are shown; "
+                "an interrupted run continues with --resume.",
+            )
+            p.add_argument("--model", choices=["gru", "transformer"], required=True, help="architecture")
+            p.add_argument("--lr", type=_positive_float, default=1e-5, help="Adam learning rate (reference: 1e-5)")
+            p.add_argument("--pos-weight", type=_positive_float, default=4.0,
+                           help="BCE weight of positive labels (reference: 4)")
+            p.add_argument("--weight-decay", type=float, default=0.0, help="Adam L2 penalty (default 0)")
+            p.add_argument("--pretrained", default=None, metavar="ENCODER",
+                           help="start the transformer from encoder.safetensors of `genreclf pretrain`")
+            p.set_defaults(func=cmd_train)
+        else:
+            p = sub.add_parser(
+                "pretrain", help="masked-frame pretraining of the Transformer encoder",
+                description="Self-supervised pretraining: random spans of frames are masked and the Transformer "
+                "encoder learns to reconstruct them (no labels used). Writes OUT/encoder.safetensors for "
+                "`genreclf train --model transformer --pretrained`.",
+            )
+            p.add_argument("--lr", type=_positive_float, default=1e-4, help="Adam learning rate (default 1e-4)")
+            p.add_argument("--mask-ratio", type=float, default=0.15, help="fraction of frames masked (default 0.15)")
+            p.set_defaults(func=cmd_pretrain)
+        p.add_argument("--store", type=Path, required=True, help="feature store from `genreclf featurize`")
+        p.add_argument("--out", type=Path, required=True, help="run folder to write")
+        p.add_argument("--epochs", type=_positive_int, default=100, help="maximum epochs (default 100)")
+        p.add_argument("--batch-size", type=_positive_int, default=32, help="tracks per batch (default 32)")
+        p.add_argument("--min-crop", type=_positive_int, default=128, help="shortest random crop, frames (128)")
+        p.add_argument("--max-crop", type=_positive_int, default=256, help="longest random crop, frames (256)")
+        p.add_argument("--split", choices=["official", "reference"], default="official",
+                       help="FMA's artist-filtered split (default) or the reference's random 80/20")
+        p.add_argument("--early-stopping", type=int, default=0, metavar="EPOCHS",
+                       help="stop after this many epochs without a better validation loss (0: never)")
+        p.add_argument("--plateau-patience", type=_positive_int, default=20,
+                       help="epochs without improvement before the learning rate is divided by 10 (default 20)")
+        p.add_argument("--seed", type=int, default=0, help="random seed (weights, crops, reference split)")
+        p.add_argument("--workers", type=int, default=1, help="data loader processes (default 1)")
+        p.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu (default auto)")
+        p.add_argument("--devices", default="auto", help="Lightning devices, e.g. 4 GPUs for DDP (default auto)")
+        p.add_argument("--resume", action="store_true", help="continue OUT from its last checkpoint")
+
+    p = sub.add_parser(
+        "evaluate", help="score a trained model on a split of a store",
+        description="Predict every track of a split (mean over evenly spaced crops, and over the whole sequence) "
+        "and compute the reference's positively weighted AP, micro AP, macro AP and macro ROC-AUC, each with the "
+        "score of a prior-only predictor, plus FMA's top-level genre accuracy. Writes metrics.json and "
+        "predictions.npz.",
+    )
+    p.add_argument("model", help="model.safetensors (or the run folder holding it)")
+    p.add_argument("--store", type=Path, required=True, help="feature store to evaluate on")
+    p.add_argument("--split", choices=["official", "reference"], default="official", help="which split (official)")
+    p.add_argument("--part", choices=["test", "validation", "training"], default="test", help="which part (test)")
+    p.add_argument("--crop", type=_positive_int, default=256, help="crop length in frames (default 256)")
+    p.add_argument("--crops", type=_positive_int, default=8, help="evenly spaced crops per track (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the reference split")
+    p.add_argument("--out", type=Path, default=None, help="metrics file (default: beside the model)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "predict", help="print the top genres of audio files",
+        description="Tag audio files or folders (walked for audio) of any length: each file is cut into 30-s "
+        "windows, each window scored over evenly spaced crops, and the windows averaged. A file that cannot be "
+        "read gets an error record; the others are still tagged, and the exit code is 1.",
+    )
+    p.add_argument("model", help="model.safetensors (or the run folder holding it)")
+    p.add_argument("inputs", nargs="+", type=Path, metavar="FILE_OR_DIR", help="audio files or folders")
+    p.add_argument("--top", type=_positive_int, default=5, help="genres to show per file (default 5)")
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table", help="output format")
+    p.add_argument("--crop", type=_positive_int, default=256, help="crop length in frames (default 256)")
+    p.add_argument("--crops", type=_positive_int, default=8, help="crops per 30-s window (default 8)")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "demo", help="the whole pipeline on a generated corpus, in a few minutes",
+        description="Generate a small synthetic FMA-layout corpus, featurize it, train the GRU and the Transformer, "
+        "evaluate both on the test split, print a side-by-side table and the top-5 genres of a few files.",
+    )
+    p.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for everything (default demo_out)")
+    p.add_argument("--tracks", type=_positive_int, default=300, help="tracks to generate (default 300)")
+    p.add_argument("--seconds", type=_positive_float, default=10.0, help="clip length (default 10 s)")
+    p.add_argument("--epochs", type=_positive_int, default=15, help="training epochs per model (default 15)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit code."""
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="genreclf: %(message)s")
+    try:
+        return args.func(args)
+    except GenreclfError as e:
+        return fatal(str(e))
+    except KeyboardInterrupt:
+        return fatal("interrupted; run the same command again to resume where it stopped", 130)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

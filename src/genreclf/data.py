@@ -1,0 +1,121 @@
+"""Crops and batches from a FeatureStore for training and evaluation.
+
+All randomness (which tracks, crop length, crop start) is drawn in the main process by
+`CropBatchSampler` from one seeded generator, so a run is reproducible whatever the number
+of DataLoader workers. Workers only read memory-mapped rows: memory use does not grow
+with the corpus.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from genreclf.metadata import reference_split
+from genreclf.store import FeatureStore
+from genreclf.errors import GenreclfError
+
+SPLITS = ("official", "reference")  # FMA's artist-filtered set.split, or the reference study's random 80/20
+
+
+def split_positions(store: FeatureStore, part: str, split: str = "official", seed: int = 0) -> np.ndarray:
+    """Return the store positions of the tracks in `part` (training/validation/test) of `split`."""
+    if split == "official":
+        names = store.split
+    elif split == "reference":
+        names = reference_split(store.track_ids, seed=seed)
+    else:
+        raise GenreclfError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    positions = np.flatnonzero(names == part)
+    if len(positions) == 0:
+        raise GenreclfError(f"the {split} split of {store.path} has no {part} tracks; featurize a larger corpus")
+    return positions
+
+
+class CropDataset(Dataset):
+    """Items are (position, start, length) triples; returns float32 crops with their targets."""
+
+    def __init__(self, store: FeatureStore):
+        self.store = store
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitem__(self, item: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+        position, start, length = item
+        crop = np.asarray(self.store.item(position)[start : start + length], dtype=np.float32)
+        return crop, self.store.targets[position]
+
+
+def collate(items: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
+    """Stack crops into a zero-padded batch with their real lengths and float targets."""
+    lengths = [len(x) for x, _ in items]
+    x = np.zeros((len(items), max(lengths), items[0][0].shape[1]), np.float32)
+    for i, (crop, _) in enumerate(items):
+        x[i, : len(crop)] = crop
+    y = np.stack([t for _, t in items]).astype(np.float32)
+    return {"x": torch.from_numpy(x), "lengths": torch.tensor(lengths), "y": torch.from_numpy(y)}
+
+
+class CropBatchSampler(Sampler):
+    """Shuffled batches of random crops; one crop length per batch, drawn from [min_frames, max_frames].
+
+    Short clips give shorter crops (their real frames only); the model masks the padding.
+    Each epoch draws new crops; `set_epoch` makes epoch e's draw reproducible on resume.
+    """
+
+    def __init__(self, valid_frames: np.ndarray, positions: np.ndarray, batch_size: int,
+                 min_frames: int, max_frames: int, seed: int = 0):
+        if not 1 <= min_frames <= max_frames:
+            raise GenreclfError(f"crop lengths must satisfy 1 <= min <= max, got {min_frames}..{max_frames}")
+        self.valid_frames = np.asarray(valid_frames)
+        self.positions = np.asarray(positions)
+        self.batch_size, self.min_frames, self.max_frames = batch_size, min_frames, max_frames
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose crops the next iteration draws."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-len(self.positions) // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        self.epoch += 1  # Lightning does not call set_epoch on custom batch samplers; advance ourselves
+        order = rng.permutation(self.positions)
+        for b in range(0, len(order), self.batch_size):
+            batch = order[b : b + self.batch_size]
+            length = int(rng.integers(self.min_frames, self.max_frames + 1))
+            valid = self.valid_frames[batch]
+            starts = (rng.random(len(batch)) * (np.maximum(valid - length, 0) + 1)).astype(np.int64)
+            yield [(int(p), int(s), int(min(length, v))) for p, s, v in zip(batch, starts, valid)]
+
+
+class EvenCropSampler(Sampler):
+    """Deterministic batches of one crop each, for validation: the centre `length` frames of each track."""
+
+    def __init__(self, valid_frames: np.ndarray, positions: np.ndarray, batch_size: int, length: int):
+        self.valid_frames, self.positions = np.asarray(valid_frames), np.asarray(positions)
+        self.batch_size, self.length = batch_size, length
+
+    def __len__(self) -> int:
+        return -(-len(self.positions) // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        for b in range(0, len(self.positions), self.batch_size):
+            batch = self.positions[b : b + self.batch_size]
+            valid = self.valid_frames[batch]
+            starts = np.maximum(valid - self.length, 0) // 2
+            yield [(int(p), int(s), int(min(self.length, v))) for p, s, v in zip(batch, starts, valid)]
+
+
+def loader(store: FeatureStore, sampler: Sampler, workers: int = 0) -> DataLoader:
+    """Return a DataLoader over `store` whose batches are drawn by `sampler`."""
+    return DataLoader(
+        CropDataset(store), batch_sampler=sampler, collate_fn=collate, num_workers=workers,
+        persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+    )

@@ -1,0 +1,125 @@
+"""Evaluate a trained model on a split of a feature store.
+
+Predictions are the mean over evenly spaced crops of each track (deterministic), and
+also over the whole sequence at once; metrics come with the chance level of a
+prior-only predictor (see genreclf.metrics). The model is never chosen on the test split:
+training picks its checkpoint by validation loss.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from genreclf.data import split_positions
+from genreclf.errors import GenreclfError
+from genreclf.metrics import tagging_metrics, top_level_accuracy
+from genreclf.modelfile import ModelFile
+from genreclf.predict import CROP_FRAMES, N_CROPS, score_features
+from genreclf.store import FeatureStore, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+SUMMARY = ("ap_weighted", "ap_micro", "ap_macro", "roc_auc_macro")
+DESCRIPTIONS = {
+    "ap_weighted": "per-genre AP weighted by positives (the reference's \"micro-average\")",
+    "ap_micro": "micro-averaged AP over all (track, genre) pairs",
+    "ap_macro": "mean AP over genres present in the split",
+    "roc_auc_macro": "mean ROC-AUC over genres present in the split",
+}
+
+
+def predict_store(model: torch.nn.Module, store: FeatureStore, positions: np.ndarray, crop: int | None = CROP_FRAMES,
+                  n_crops: int = N_CROPS, batch_size: int = 64, progress: bool = False) -> np.ndarray:
+    """Return probabilities (len(positions), genres) for the tracks at `positions` of `store`."""
+    device = next(model.parameters()).device
+    out = np.zeros((len(positions), len(store.genres)), np.float32)
+    model.eval()
+    for b in tqdm(range(0, len(positions), batch_size), desc="predict", unit="batch", disable=not progress):
+        batch = positions[b : b + batch_size]
+        x = torch.from_numpy(np.stack([store.item(int(p)) for p in batch]).astype(np.float32)).to(device)
+        valid = torch.from_numpy(store.valid_frames[batch]).to(device)
+        out[b : b + len(batch)] = score_features(model, x, valid, crop, n_crops).cpu().numpy()
+    return out
+
+
+def check_vocabulary(model_file: ModelFile, store: FeatureStore, model_path: Path) -> None:
+    """Raise GenreclfError unless the model and the store use the same genres and audio settings."""
+    store.signal.check_same(model_file.signal, f"model {model_path}")
+    if list(model_file.genre_ids) != [int(g) for g in store.genre_ids]:
+        raise GenreclfError(f"model {model_path} was trained on another genre vocabulary than store {store.path}")
+
+
+def evaluate(model_path: str | Path, store_path: str | Path, split: str = "official", part: str = "test",
+             crop: int = CROP_FRAMES, n_crops: int = N_CROPS, seed: int = 0, out: str | Path | None = None,
+             progress: bool = True) -> dict:
+    """Return (and write to `out`, with predictions.npz beside it) the metrics of a model on a split."""
+    model_path = Path(model_path)
+    if model_path.is_dir():
+        model_path = model_path / "model.safetensors"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model_file = ModelFile.load(model_path, device)
+    store = FeatureStore.open(store_path)
+    check_vocabulary(model_file, store, model_path)
+    positions = split_positions(store, part, split, seed)
+    train_positions = split_positions(store, "training", split, seed)
+    y_true = store.targets[positions].astype(np.int8)
+    prior = store.targets[train_positions].mean(0)  # the prior-only predictor knows the training prevalence
+    scores = predict_store(model_file.model, store, positions, crop, n_crops, progress=progress)
+    whole = predict_store(model_file.model, store, positions, None, progress=False)
+    result = {
+        "model": str(model_path),
+        "model_kind": model_file.config.kind,
+        "store": store.describe(),
+        "split": split,
+        "part": part,
+        "n_tracks": int(len(positions)),
+        "n_failed_in_store": int(len(store.failed)),
+        "crops": {"length": crop, "count": n_crops},
+        "metrics": tagging_metrics(y_true, scores, store.genres, prior),
+        "metrics_whole_sequence": tagging_metrics(y_true, whole, store.genres, prior),
+        "top_level_accuracy": _top_level(store, positions, scores),
+    }
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out, json.dumps(result, indent=1))
+        np.savez_compressed(out.with_name("predictions.npz"), track_ids=store.track_ids[positions], y_true=y_true,
+                            scores=scores, scores_whole=whole, prior=prior, genres=np.array(store.genres))
+    return result
+
+
+def _top_level(store: FeatureStore, positions: np.ndarray, scores: np.ndarray) -> dict:
+    """FMA's single-label view: argmax over the top-level genres vs each track's genre_top."""
+    genre_ids = np.asarray(store.genre_ids)
+    is_top = genre_ids == np.asarray(store.header.genre_top_level)
+    column_of_title = {store.genres[i]: i for i in np.flatnonzero(is_top)}
+    tops = store.index["genre_top"].to_numpy(str)[positions]
+    true_column = np.array([column_of_title.get(t, -1) for t in tops])
+    accuracy, n = top_level_accuracy(scores, is_top, true_column)
+    chance = float(np.bincount(true_column[true_column >= 0]).max() / n) if n else float("nan")
+    return {"accuracy": None if np.isnan(accuracy) else float(accuracy), "n_tracks": int(n),
+            "majority_class": chance}
+
+
+def format_table(results: list[dict]) -> str:
+    """Return a plain-text table of the summary metrics of one or more evaluations, with chance levels."""
+    names = [Path(r["model"]).parent.name or r["model"] for r in results]
+    width = max(14, *(len(n) for n in names))
+    lines = [f"{'metric':<15}" + "".join(f"{n:>{width + 2}}" for n in names) + f"{'chance':>10}"]
+    for key in SUMMARY:
+        row = f"{key:<15}" + "".join(f"{r['metrics'][key]:>{width + 2}.3f}" for r in results)
+        lines.append(row + f"{results[0]['metrics']['chance_' + key]:>10.3f}")
+    accs = [r["top_level_accuracy"]["accuracy"] for r in results]
+    if all(a is not None for a in accs):
+        row = f"{'top-level acc':<15}" + "".join(f"{a:>{width + 2}.3f}" for a in accs)
+        lines.append(row + f"{results[0]['top_level_accuracy']['majority_class']:>10.3f}")
+    r0 = results[0]
+    lines.append(f"({r0['n_tracks']} {r0['part']} tracks, {r0['split']} split; mean over {r0['crops']['count']} "
+                 f"crops of {r0['crops']['length']} frames; chance = prior-only predictor / majority class)")
+    return "\n".join(lines)

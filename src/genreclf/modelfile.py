@@ -1,0 +1,95 @@
+"""The model file: one .safetensors file with the weights and, in its metadata, everything
+needed to use them (model config, genre vocabulary, signal settings, training provenance).
+
+Loading never unpickles, and refuses a file made for other audio settings.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from genreclf.audio import SignalConfig
+from genreclf.errors import GenreclfError
+from genreclf.models import config_from_dict, config_to_dict, model_from_config
+
+FORMAT = "genreclf-model"
+VERSION = "1"
+
+
+@dataclass
+class ModelFile:
+    """A trained tagger and what it was trained on."""
+
+    model: torch.nn.Module
+    config: object  # GRUConfig or TransformerConfig
+    genres: list[str]
+    genre_ids: list[int]
+    signal: SignalConfig = field(default_factory=SignalConfig)
+    genre_top_level: list[int] = field(default_factory=list)  # root genre id of each genre
+    provenance: dict = field(default_factory=dict)  # store, split, epochs, losses, versions, date
+
+    def save(self, path: str | Path) -> Path:
+        """Write the model file atomically; return its path."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "config": json.dumps(config_to_dict(self.config)),
+            "genres": json.dumps(self.genres),
+            "genre_ids": json.dumps([int(g) for g in self.genre_ids]),
+            "genre_top_level": json.dumps([int(g) for g in self.genre_top_level]),
+            "signal": json.dumps(self.signal.to_dict()),
+            "provenance": json.dumps(self.provenance, default=str),
+        }
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "ModelFile":
+        """Read a model file written by `save`, checking its format and audio settings."""
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise GenreclfError(f"{path}: no such model file; give the model.safetensors written by `genreclf train`")
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise GenreclfError(
+                f"{path}: not a safetensors model file ({str(e).splitlines()[0][:80]}); "
+                "give the model.safetensors written by `genreclf train`"
+            ) from None
+        if meta.get("format") != FORMAT:
+            raise GenreclfError(f"{path}: a safetensors file, but not a genreclf model; use one from `genreclf train`")
+        if meta.get("version") != VERSION:
+            raise GenreclfError(f"{path}: genreclf model format {meta.get('version')}, this genreclf reads {VERSION}")
+        signal = SignalConfig.from_dict(json.loads(meta["signal"]))
+        SignalConfig().check_same(signal, f"model {path}")
+        config = config_from_dict(json.loads(meta["config"]))
+        model = model_from_config(config)
+        try:
+            model.load_state_dict(tensors, strict=True)
+        except RuntimeError as e:
+            raise GenreclfError(f"{path}: weights do not fit the stored config ({str(e).splitlines()[0]})") from None
+        model.to(device).eval()
+        return cls(
+            model=model,
+            config=config,
+            genres=json.loads(meta["genres"]),
+            genre_ids=json.loads(meta["genre_ids"]),
+            signal=signal,
+            genre_top_level=json.loads(meta.get("genre_top_level", "[]")),
+            provenance=json.loads(meta.get("provenance", "{}")),
+        )

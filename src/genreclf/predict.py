@@ -1,0 +1,117 @@
+"""Tag audio with a trained model: files, folders or waveforms of any length.
+
+A track is cut into consecutive 30-s windows (the clips the model was trained on, each
+normalised on its own as in training); each window is scored by averaging the model's
+probabilities over evenly spaced crops; windows are averaged weighted by their real frames.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from genreclf import audio
+from genreclf.audio import N_FRAMES, N_SAMPLES, SAMPLE_RATE
+from genreclf.errors import GenreclfError
+from genreclf.mel import log_mel_batch, valid_frames
+from genreclf.metrics import crop_starts
+from genreclf.modelfile import ModelFile
+
+CROP_FRAMES = 256  # the longest training crop
+N_CROPS = 8  # evenly spaced crops per 30-s window
+
+
+@torch.no_grad()
+def score_features(
+    model: torch.nn.Module,
+    features: torch.Tensor,
+    valid: torch.Tensor,
+    crop: int | None = CROP_FRAMES,
+    n_crops: int = N_CROPS,
+) -> torch.Tensor:
+    """Return probabilities (batch, genres) for features (batch, frames, mels) with `valid` real frames.
+
+    crop=None scores each whole sequence at once; otherwise the mean over evenly spaced crops.
+    """
+    if crop is None:
+        return torch.sigmoid(model(features, valid))
+    total = torch.zeros(len(features), model.cfg.n_genres, device=features.device)
+    counts = torch.zeros(len(features), 1, device=features.device)
+    # Tracks of equal valid length share crop positions: score them together.
+    for n in torch.unique(valid).tolist():
+        rows = torch.nonzero(valid == n).flatten()
+        for start in crop_starts(int(n), crop, n_crops):
+            length = min(crop, int(n))
+            x = features[rows, start : start + length]
+            lengths = torch.full((len(rows),), length, device=features.device)
+            total[rows] += torch.sigmoid(model(x, lengths))
+            counts[rows] += 1
+    return total / counts
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The genre probabilities of one input."""
+
+    source: str  # file path, or "<waveform>"
+    genres: list[str]  # vocabulary order
+    probabilities: np.ndarray  # (genres,) float
+
+    def top(self, k: int = 5) -> list[tuple[str, float]]:
+        """Return the k most probable (genre, probability) pairs, most probable first."""
+        order = np.argsort(-self.probabilities, kind="stable")[:k]
+        return [(self.genres[i], float(self.probabilities[i])) for i in order]
+
+
+class Tagger:
+    """A trained genre tagger: `Tagger.load(path).predict(file_or_waveform)`."""
+
+    def __init__(self, model_file: ModelFile, device: str | torch.device = "cpu",
+                 crop: int | None = CROP_FRAMES, n_crops: int = N_CROPS):
+        self.file = model_file
+        self.model = model_file.model.to(device).eval()
+        self.genres = model_file.genres
+        self.device = torch.device(device)
+        self.crop, self.n_crops = crop, n_crops
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device | None = None, **options) -> "Tagger":
+        """Load the model file at `path` (a model.safetensors, or a run folder holding one)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "model.safetensors"
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return cls(ModelFile.load(path, device), device, **options)
+
+    def predict(self, source: str | Path | np.ndarray, sample_rate: int = SAMPLE_RATE) -> Prediction:
+        """Return the genre probabilities of an audio file or a mono waveform at `sample_rate`."""
+        if isinstance(source, np.ndarray):
+            if source.ndim != 1 or len(source) == 0:
+                raise GenreclfError("a waveform must be a non-empty 1-D array (mono)")
+            wave, name = audio.resample(source, sample_rate), "<waveform>"
+        else:
+            wave, name = audio.load(source), str(source)
+        return Prediction(name, self.genres, self.probabilities(wave))
+
+    def probabilities(self, wave: np.ndarray, windows_per_batch: int = 8) -> np.ndarray:
+        """Return genre probabilities of a mono 16-kHz waveform of any length."""
+        starts = list(range(0, max(len(wave), 1), N_SAMPLES))
+        total, frames = 0.0, 0
+        for b in range(0, len(starts), windows_per_batch):  # bounded memory for hour-long files
+            batch = starts[b : b + windows_per_batch]
+            windows = np.zeros((len(batch), N_SAMPLES), np.float32)
+            valid = []
+            for i, s in enumerate(batch):
+                chunk = wave[s : s + N_SAMPLES]
+                windows[i, : len(chunk)] = chunk
+                valid.append(valid_frames(len(chunk), N_FRAMES))
+            x = torch.from_numpy(windows).to(self.device)
+            v = torch.tensor(valid, device=self.device)
+            with torch.no_grad():
+                probs = score_features(self.model, log_mel_batch(x), v, self.crop, self.n_crops)
+            total = total + (v.float()[:, None] * probs).sum(0)
+            frames += int(v.sum())
+        return (total / frames).cpu().numpy()

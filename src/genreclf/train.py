@@ -1,0 +1,234 @@
+"""Training runs: supervised tagging and masked-frame pretraining, with PyTorch Lightning.
+
+A run folder holds everything a run made:
+
+    RUN/model.safetensors       the best model by validation loss (never chosen on the test split)
+    RUN/train.json              what was trained on what, parameters, epochs, losses, time
+    RUN/logs/metrics.csv        train_loss, val_loss and lr per epoch (TensorBoard too, if installed)
+    RUN/checkpoints/last.ckpt   for `--resume` after an interruption; best.ckpt
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, TQDMProgressBar
+
+from genreclf import __version__
+from genreclf.data import CropBatchSampler, EvenCropSampler, loader, split_positions
+from genreclf.errors import GenreclfError
+from genreclf.lightning_modules import PretrainConfig, PretrainModule, TaggerModule, TrainConfig
+from genreclf.modelfile import ModelFile
+from genreclf.models import GRUConfig, TransformerConfig, count_parameters
+from genreclf.store import FeatureStore, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+MODELS = {"gru": GRUConfig, "transformer": TransformerConfig}
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """How a run is fed and stopped (the optimiser is in TrainConfig / PretrainConfig)."""
+
+    model: str = "gru"  # "gru" or "transformer"
+    epochs: int = 100  # maximum number of epochs
+    batch_size: int = 32  # the reference's batch size
+    min_crop: int = 128  # shortest random training crop, in frames (the reference's 128-256)
+    max_crop: int = 256  # longest random training crop, in frames
+    val_crop: int = 256  # validation loss is measured on the centre crop of this many frames
+    split: str = "official"  # "official" (FMA's artist-filtered set.split) or "reference" (random 80/20)
+    seed: int = 0  # seeds the weights, the crops and the reference split
+    workers: int = 1  # DataLoader worker processes reading the memory-mapped store
+    early_stopping: int = 0  # stop after this many epochs without a better val_loss (0: never)
+    pretrained: str | None = None  # encoder.safetensors from `genreclf pretrain` (transformer only)
+    accelerator: str = "auto"  # Lightning accelerator: auto, cpu, gpu
+    devices: str = "auto"  # Lightning devices: auto, or a number of GPUs/processes (DDP)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a training run produced."""
+
+    run_dir: Path
+    model_path: Path  # model.safetensors (or encoder.safetensors for pretraining)
+    parameters: int
+    epochs: int  # epochs completed
+    best_val_loss: float
+    seconds: float
+
+
+class EpochProgress(Callback):
+    """Seeds each epoch's crops, and logs one line per epoch with the whole run's ETA."""
+
+    def __init__(self, sampler: CropBatchSampler, max_epochs: int):
+        self.sampler, self.max_epochs = sampler, max_epochs
+        self.t0 = time.monotonic()
+        self.first_epoch = 0
+
+    def on_train_start(self, trainer, module) -> None:
+        self.t0, self.first_epoch = time.monotonic(), trainer.current_epoch
+
+    def on_train_epoch_start(self, trainer, module) -> None:
+        self.sampler.set_epoch(trainer.current_epoch)  # resumed runs draw the same crops
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        done = trainer.current_epoch + 1
+        elapsed = time.monotonic() - self.t0
+        per_epoch = elapsed / max(1, done - self.first_epoch)
+        eta = per_epoch * (self.max_epochs - done)
+        m = trainer.callback_metrics
+        log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  (%.0f s/epoch, %s elapsed, ETA %s at most)",
+                 done, self.max_epochs, float(m.get("train_loss", float("nan"))),
+                 float(m.get("val_loss", float("nan"))), per_epoch, _hms(elapsed), _hms(eta))
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def git_revision() -> str:
+    """Return the git revision of the genreclf source, or "unknown"."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _prepare(store_path: str | Path, run_dir: str | Path, fit: FitConfig, resume: bool):
+    store = FeatureStore.open(store_path)
+    run_dir = Path(run_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if resume and not last.exists():
+        raise GenreclfError(f"{run_dir}: nothing to resume (no checkpoints/last.ckpt); train without --resume")
+    if not resume and (last.exists() or (run_dir / "model.safetensors").exists()):
+        raise GenreclfError(f"{run_dir} already holds a run; add --resume to continue it or pick a new --out")
+    if fit.model not in MODELS:
+        raise GenreclfError(f"unknown model {fit.model!r}; use one of {', '.join(MODELS)}")
+    if fit.epochs < 1 or fit.batch_size < 1:
+        raise GenreclfError("epochs and batch size must be at least 1")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(fit.seed, workers=True, verbose=False)
+    train_pos = split_positions(store, "training", fit.split, fit.seed)
+    val_pos = split_positions(store, "validation", fit.split, fit.seed)
+    sampler = CropBatchSampler(store.valid_frames, train_pos, fit.batch_size, fit.min_crop, fit.max_crop, fit.seed)
+    val_sampler = EvenCropSampler(store.valid_frames, val_pos, fit.batch_size, fit.val_crop)
+    loaders = loader(store, sampler, fit.workers), loader(store, val_sampler, fit.workers)
+    return store, run_dir, last if resume else None, sampler, loaders, (len(train_pos), len(val_pos))
+
+
+def _trainer(run_dir: Path, fit: FitConfig, sampler: CropBatchSampler, progress: bool) -> L.Trainer:
+    loggers: list = [L.pytorch.loggers.CSVLogger(run_dir, name="", version="logs")]
+    try:
+        import tensorboard  # noqa: F401
+
+        loggers.append(L.pytorch.loggers.TensorBoardLogger(run_dir, name="", version="logs"))
+    except ImportError:
+        pass
+    callbacks: list = [
+        ModelCheckpoint(run_dir / "checkpoints", filename="best", monitor="val_loss", mode="min", save_last=True),
+        EpochProgress(sampler, fit.epochs),
+    ]
+    if fit.early_stopping:
+        callbacks.append(EarlyStopping("val_loss", patience=fit.early_stopping, mode="min"))
+    if progress:
+        callbacks.append(TQDMProgressBar(refresh_rate=1))
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*number of training batches.*smaller than the logging interval.*")
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    return L.Trainer(
+        default_root_dir=run_dir, max_epochs=fit.epochs, accelerator=fit.accelerator, devices=fit.devices,
+        logger=loggers, callbacks=callbacks, enable_progress_bar=progress, enable_model_summary=False,
+        deterministic=False, num_sanity_val_steps=0, log_every_n_steps=10,
+    )
+
+
+def _provenance(store: FeatureStore, fit: FitConfig, counts: tuple[int, int], extra: dict) -> dict:
+    return {
+        "store": str(store.path.resolve()), "store_description": store.describe(), "labels": store.header.labels,
+        "subset": store.header.subset, "split": fit.split, "train_tracks": counts[0], "validation_tracks": counts[1],
+        "fit": dataclasses.asdict(fit), "genreclf": __version__, "git": git_revision(), "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), **extra,
+    }
+
+
+def train(store_path: str | Path, run_dir: str | Path, fit: FitConfig = FitConfig(),
+          optim: TrainConfig = TrainConfig(), resume: bool = False, progress: bool = True) -> RunResult:
+    """Train a GRU or Transformer tagger on the store's training split; return the run's result.
+
+    The best epoch by validation loss becomes RUN/model.safetensors.
+    """
+    t0 = time.perf_counter()
+    store, run_dir, ckpt, sampler, (train_dl, val_dl), counts = _prepare(store_path, run_dir, fit, resume)
+    model_cfg = MODELS[fit.model](n_genres=len(store.genres))
+    module = TaggerModule(model_cfg, optim)
+    if fit.pretrained:
+        if fit.model != "transformer":
+            raise GenreclfError("--pretrained encoder weights are for the transformer model only")
+        module.model.load_encoder_state_dict(_load_tensors(fit.pretrained))
+    params = count_parameters(module.model)
+    log.info("training %s (%s parameters) on %d tracks, validating on %d (%s split) -> %s",
+             fit.model, f"{params:,}", counts[0], counts[1], fit.split, run_dir)
+    trainer = _trainer(run_dir, fit, sampler, progress)
+    trainer.fit(module, train_dl, val_dl, ckpt_path=ckpt)
+    best_path = trainer.checkpoint_callback.best_model_path
+    best = TaggerModule.load_from_checkpoint(best_path, map_location="cpu") if best_path else module
+    best_val = float(trainer.checkpoint_callback.best_model_score or float("nan"))
+    seconds = time.perf_counter() - t0
+    extra = {"parameters": params, "epochs": trainer.current_epoch, "best_val_loss": best_val,
+             "train_config": dataclasses.asdict(optim), "train_seconds": seconds}
+    model_path = ModelFile(
+        model=best.model, config=model_cfg, genres=store.genres, genre_ids=list(store.genre_ids),
+        signal=store.signal, genre_top_level=list(store.header.genre_top_level),
+        provenance=_provenance(store, fit, counts, extra),
+    ).save(run_dir / "model.safetensors")
+    atomic_write_text(run_dir / "train.json", json.dumps({"model": fit.model, **extra}, indent=1))
+    return RunResult(run_dir, model_path, params, trainer.current_epoch, best_val, seconds)
+
+
+def pretrain(store_path: str | Path, run_dir: str | Path, fit: FitConfig = FitConfig(model="transformer"),
+             optim: PretrainConfig = PretrainConfig(), resume: bool = False, progress: bool = True) -> RunResult:
+    """Masked-frame pretraining of the Transformer encoder; writes RUN/encoder.safetensors."""
+    from safetensors.torch import save_file
+
+    t0 = time.perf_counter()
+    fit = dataclasses.replace(fit, model="transformer")
+    store, run_dir, ckpt, sampler, (train_dl, val_dl), counts = _prepare(store_path, run_dir, fit, resume)
+    module = PretrainModule(TransformerConfig(n_genres=len(store.genres)), optim)
+    trainer = _trainer(run_dir, fit, sampler, progress)
+    trainer.fit(module, train_dl, val_dl, ckpt_path=ckpt)
+    best_path = trainer.checkpoint_callback.best_model_path
+    best = PretrainModule.load_from_checkpoint(best_path, map_location="cpu") if best_path else module
+    out = run_dir / "encoder.safetensors"
+    tmp = out.with_name(".encoder.safetensors.tmp")
+    meta = {"format": "genreclf-encoder", "provenance": json.dumps(_provenance(store, fit, counts, {}), default=str)}
+    save_file({k: v.contiguous() for k, v in best.encoder_state_dict().items()}, str(tmp), metadata=meta)
+    os.replace(tmp, out)
+    best_val = float(trainer.checkpoint_callback.best_model_score or float("nan"))
+    return RunResult(run_dir, out, count_parameters(best.encoder), trainer.current_epoch, best_val,
+                     time.perf_counter() - t0)
+
+
+def _load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("format") != "genreclf-encoder":
+                raise GenreclfError(f"{path}: not an encoder file from `genreclf pretrain`")
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise GenreclfError(f"{path}: cannot read pretrained encoder ({str(e).splitlines()[0][:80]})") from None
