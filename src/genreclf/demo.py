@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from genreclf.evaluate import SUMMARY, evaluate
+from genreclf.evaluate import SUMMARY, evaluate, fmt
 from genreclf.features import featurize
 from genreclf.lightning_modules import TrainConfig
 from genreclf.metadata import audio_path
@@ -82,12 +82,12 @@ def _side_by_side(rows: list[tuple[str, dict]], results: list[dict]) -> str:
         zip(rows, (12, 14))))
     for key in SUMMARY:
         chance = results[0]["metrics"]["chance_" + key]
-        lines.append(f"{key:<28}" + "".join(f"{r['metrics'][key]:>{w}.3f}" for r, w in zip(results, (12, 14)))
-                     + f"{chance:>10.3f}")
+        lines.append(f"{key:<28}" + "".join(fmt(r["metrics"][key], w) for r, w in zip(results, (12, 14)))
+                     + fmt(chance, 10))
     accs = [r["top_level_accuracy"] for r in results]
     if all(a["accuracy"] is not None for a in accs):
-        lines.append(f"{'top-level genre accuracy':<28}" + "".join(f"{a['accuracy']:>{w}.3f}" for a, w in
-                                                               zip(accs, (12, 14))) + f"{accs[0]['majority_class']:>10.3f}")
+        lines.append(f"{'top-level genre accuracy':<28}" + "".join(fmt(a["accuracy"], w) for a, w in
+                                                               zip(accs, (12, 14))) + fmt(accs[0]["majority_class"], 10))
     r0 = results[0]
     lines.append(f"test split: {r0['n_tracks']} tracks of artists unseen in training; metrics averaged over "
                  f"{r0['crops']['count']} crops of {r0['crops']['length']} frames; chance = prior-only predictor "

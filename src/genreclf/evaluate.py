@@ -107,18 +107,24 @@ def _top_level(store: FeatureStore, positions: np.ndarray, scores: np.ndarray) -
             "majority_class": chance}
 
 
+def fmt(value: float | None, width: int = 0) -> str:
+    """Format a metric to 3 decimals, "n/a" where it is undefined (None or nan)."""
+    text = "n/a" if value is None or value != value else f"{value:.3f}"
+    return f"{text:>{width}}"
+
+
 def format_table(results: list[dict]) -> str:
     """Return a plain-text table of the summary metrics of one or more evaluations, with chance levels."""
     names = [Path(r["model"]).parent.name or r["model"] for r in results]
     width = max(14, *(len(n) for n in names))
     lines = [f"{'metric':<15}" + "".join(f"{n:>{width + 2}}" for n in names) + f"{'chance':>10}"]
     for key in SUMMARY:
-        row = f"{key:<15}" + "".join(f"{r['metrics'][key]:>{width + 2}.3f}" for r in results)
-        lines.append(row + f"{results[0]['metrics']['chance_' + key]:>10.3f}")
+        row = f"{key:<15}" + "".join(fmt(r["metrics"][key], width + 2) for r in results)
+        lines.append(row + fmt(results[0]["metrics"]["chance_" + key], 10))
     accs = [r["top_level_accuracy"]["accuracy"] for r in results]
     if all(a is not None for a in accs):
-        row = f"{'top-level acc':<15}" + "".join(f"{a:>{width + 2}.3f}" for a in accs)
-        lines.append(row + f"{results[0]['top_level_accuracy']['majority_class']:>10.3f}")
+        row = f"{'top-level acc':<15}" + "".join(fmt(a, width + 2) for a in accs)
+        lines.append(row + fmt(results[0]["top_level_accuracy"]["majority_class"], 10))
     r0 = results[0]
     lines.append(f"({r0['n_tracks']} {r0['part']} tracks, {r0['split']} split; mean over {r0['crops']['count']} "
                  f"crops of {r0['crops']['length']} frames; chance = prior-only predictor / majority class)")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import re
 from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
@@ -31,8 +30,11 @@ _NEEDED = (
     ("artist", "id"),
     ("album", "id"),
 )
-_GENRE_LIST = re.compile(r"\[\s*(?:\d+\s*(?:,\s*\d+\s*)*)?\]")  # "[]", "[21]", "[76, 103]"
-_FMA_HINT = "expected FMA's metadata file from fma_metadata.zip (https://github.com/mdeff/fma)"
+_GENRE_LIST = r"\[\s*(?:\d+\s*(?:,\s*\d+\s*)*)?\]"  # "[]", "[21]", "[76, 103]"
+
+
+def _expected(name: str) -> str:
+    return f"expected FMA's {name} from fma_metadata.zip (https://github.com/mdeff/fma)"
 
 
 @dataclass(frozen=True, eq=False)
@@ -126,17 +128,18 @@ def load_genres(path: str | Path | None = None) -> Genres:
 
 def _read_genres(path: Path) -> Genres:
     if not path.is_file():
-        raise GenreclfError(f"{path} not found: {_FMA_HINT.replace('metadata file', 'genres.csv')}")
+        raise GenreclfError(f"{path} not found: {_expected('genres.csv')}")
     try:
         table = pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
-        raise GenreclfError(f"{path} is not a readable genres.csv ({_one_line(e)}): {_FMA_HINT}") from None
+        raise _unreadable(path, "genres.csv", e) from None
     missing = [c for c in GENRE_COLUMNS if c not in table.columns]
     if missing or table.empty:
         what = f"no column(s) {', '.join(missing)}" if missing else "no genres"
-        raise GenreclfError(f"{path} has {what}: expected FMA's genres.csv with header {','.join(GENRE_COLUMNS)}")
+        header = ",".join(GENRE_COLUMNS)
+        raise GenreclfError(f"{path} has {what}: expected FMA's genres.csv with columns {header}")
     try:
-        ids, parents, top = (table[c].astype(np.int64).to_numpy() for c in ("genre_id", "parent", "top_level"))
+        ids, parents, top = (table[c].to_numpy(dtype=np.int64) for c in ("genre_id", "parent", "top_level"))
     except (ValueError, TypeError):
         raise GenreclfError(f"{path} has non-integer genre ids: expected FMA's genres.csv") from None
     if len(np.unique(ids)) != len(ids):
@@ -149,7 +152,7 @@ def _read_genres(path: Path) -> Genres:
 def load_fma(
     metadata_dir: str | Path, labels: str = "genres", subset: str | None = None
 ) -> Labels:
-    """Return the Labels of FMA's tracks.csv (with genres.csv) in metadata_dir.
+    """Return the Labels of FMA's tracks.csv and genres.csv in metadata_dir (or of that tracks.csv file).
 
     labels: "genres" (the tags given to a track, the reference recipe) or "genres_all"
     (those plus all their ancestors). subset: None or "full" for every track, else
@@ -161,6 +164,11 @@ def load_fma(
     if subset not in (None, "full", *SUBSETS):
         raise GenreclfError(f"unknown subset {subset!r}: use one of {', '.join(SUBSETS)}, full")
     metadata_dir = Path(metadata_dir)
+    if not metadata_dir.exists():
+        raise GenreclfError(
+            f"metadata folder {metadata_dir} not found: pass the folder holding FMA's tracks.csv and "
+            "genres.csv (fma_metadata/ from fma_metadata.zip, https://github.com/mdeff/fma)"
+        )
     tracks_csv = metadata_dir if metadata_dir.is_file() else metadata_dir / "tracks.csv"
     genres_csv = tracks_csv.parent / "genres.csv"
     if genres_csv.is_file():
@@ -179,7 +187,7 @@ def load_fma(
             row = int(np.argmax(bad))
             raise GenreclfError(
                 f"{tracks_csv}: track {track_ids[row]} has set {column} {str(values[row])!r}, "
-                f"expected one of {', '.join(allowed)}: {_FMA_HINT}"
+                f"expected one of {', '.join(allowed)}"
             )
     if subset in SUBSETS:
         keep = np.isin(subsets, SUBSETS[: SUBSETS.index(subset) + 1])
@@ -205,28 +213,28 @@ def load_fma(
 def _read_tracks(path: Path) -> pd.DataFrame:
     """Read the needed columns of FMA's tracks.csv (3 header rows) as strings."""
     if not path.is_file():
-        raise GenreclfError(f"{path} not found: {_FMA_HINT.replace('metadata file', 'tracks.csv')}")
+        raise GenreclfError(f"{path} not found: {_expected('tracks.csv')}")
     try:
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.reader(f)
             groups, names, index_row = (next(reader, []) for _ in range(3))
     except (UnicodeDecodeError, csv.Error) as e:
-        raise GenreclfError(f"{path} is not a readable CSV ({_one_line(e)}): {_FMA_HINT}") from None
+        raise _unreadable(path, "tracks.csv", e) from None
     columns = list(zip(groups[1:], names[1:]))
     missing = [f"{a}.{b}" for a, b in _NEEDED if (a, b) not in columns]
     if missing or not index_row or index_row[0] != "track_id":
         what = f"lacks column(s) {', '.join(missing)}" if missing else "has no track_id header row"
-        raise GenreclfError(f"{path} {what}; it is not FMA's tracks.csv: {_FMA_HINT}")
+        raise GenreclfError(f"{path} {what}, so it is not FMA's tracks.csv: {_expected('tracks.csv')}")
     usecols = [0] + sorted(columns.index(c) + 1 for c in _NEEDED)  # pandas keeps file order
     try:
         table = pd.read_csv(
             path, header=None, skiprows=3, usecols=usecols, index_col=0, dtype=str,
             keep_default_na=False, na_filter=False, encoding="utf-8", engine="c",
         )
+    except pd.errors.EmptyDataError:  # a ValueError too, so caught first
+        raise GenreclfError(f"{path} has a header but no tracks: {_expected('tracks.csv')}") from None
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
-        raise GenreclfError(f"{path} is not a readable tracks.csv ({_one_line(e)}): {_FMA_HINT}") from None
-    except pd.errors.EmptyDataError:
-        raise GenreclfError(f"{path} has a header but no tracks: {_FMA_HINT}") from None
+        raise _unreadable(path, "tracks.csv", e) from None
     table.columns = pd.MultiIndex.from_tuples([columns[i - 1] for i in usecols[1:]])
     return table
 
@@ -243,21 +251,23 @@ def _int_column(
     if bad.any():
         row = int(np.argmax(bad))
         raise GenreclfError(
-            f"{path}: track {track_ids[row]} has {what} {str(values[row])!r}, expected an integer: {_FMA_HINT}"
+            f"{path}: track {track_ids[row]} has {what} {str(values[row])!r}, "
+            "expected an integer; is this FMA's tracks.csv?"
         )
     return numbers.astype(np.int64)
 
 
-def _multi_hot(column: pd.Series, track_ids: np.ndarray, vocabulary: Genres, path: Path, labels: str) -> np.ndarray:
+def _multi_hot(
+    column: pd.Series, track_ids: np.ndarray, vocabulary: Genres, path: Path, labels: str
+) -> np.ndarray:
     """Turn list literals such as "[76, 103]" into a uint8 multi-hot matrix."""
-    texts = column.to_numpy(dtype=str)
-    texts = np.where(texts == "", "[]", texts)
-    ok = pd.Series(texts, dtype=str).str.fullmatch(_GENRE_LIST.pattern).to_numpy(dtype=bool)
+    texts = column.to_numpy(dtype=str)  # an empty cell is an error too: FMA writes "[]"
+    ok = pd.Series(texts, dtype=str).str.fullmatch(_GENRE_LIST).to_numpy(dtype=bool)
     if not ok.all():
         row = int(np.argmin(ok))
         raise GenreclfError(
             f"{path}: track {track_ids[row]} has {labels} {str(texts[row])!r}, "
-            f"expected a list of genre ids like [76, 103]: {_FMA_HINT}"
+            "expected a list of genre ids like [76, 103]"
         )
     inner = [t[1:-1] for t in texts]
     counts = np.array([0 if not s.strip() else s.count(",") + 1 for s in inner], dtype=np.int64)
@@ -308,5 +318,6 @@ def audio_path(audio_dir: str | Path, track_id: int) -> Path:
     return Path(audio_dir) / name[:3] / f"{name}.mp3"
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())
+def _unreadable(path: Path, name: str, error: BaseException) -> GenreclfError:
+    reason = " ".join(str(error).split())  # one line, however the parser formats it
+    return GenreclfError(f"{path} is not a readable {name} ({reason}): {_expected(name)}")

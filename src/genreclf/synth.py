@@ -40,7 +40,7 @@ SYNTH_GENRES = (
     38, 15, 12, 17, 21, 10, 1, 32, 76, 42, 25, 103, 66, 27,
     236, 181, 4, 5, 47, 89, 362, 33, 297, 811, 31, 74, 240,
 )
-ZIPF_EXPONENT = 0.7  # genre popularity ~ rank ** -0.7: imbalanced, yet each genre recurs
+ZIPF_EXPONENT = 0.6  # genre popularity ~ rank ** -0.6: imbalanced, yet each genre recurs
 SIGNATURE_SEED = 20170401  # genre signatures depend on this and the genre id only, not the corpus seed
 _TABLE = 2048  # samples in one period of a wavetable
 _HARMONICS = np.arange(1, 9)
@@ -101,33 +101,50 @@ class ClipSpec:
 # ---------------------------------------------------------------------------- audio
 
 
-def _signature(genre_id: int, root_id: int) -> dict:
-    """Return a genre's fixed acoustic signature; the root's register and tempo are shared."""
+@dataclass(frozen=True)
+class Signature:
+    """A genre's acoustic signature: what a clip of that genre always contains."""
+
+    notes: np.ndarray  # Hz, 3 pitches in the root's register
+    pattern: np.ndarray  # which note sounds on each pulse, cycled
+    pulse_hz: float  # note (and noise hit) rate, a multiple of the root's beat
+    decay: float  # per second: drone-like (small) .. plucked (large)
+    tilt: float  # harmonic roll-off exponent: bright (small) .. dark (large)
+    odd_only: bool  # clarinet-like timbre with odd harmonics only
+    noise_hz: float  # centre of the noise band
+    noise_octaves: float  # width of the noise band
+    noise_level: float  # noise band level relative to the tone
+    noise_offbeat: bool  # noise hits between the notes, else steady
+
+
+def signature(genre_id: int, root_id: int) -> Signature:
+    """Return a genre's fixed signature; genres of one root share its register and beat."""
     root = np.random.default_rng([SIGNATURE_SEED, root_id])
-    base_hz = 80.0 * 2 ** root.uniform(0, 2.3)  # 80..394 Hz register of the root
+    base_hz = 80.0 * 2 ** root.uniform(0, 2.3)  # 80..394 Hz
     beat_hz = root.uniform(70, 160) / 60
     rng = np.random.default_rng([SIGNATURE_SEED, root_id, genre_id])
-    return {
-        "notes": base_hz * 2 ** ((rng.integers(-5, 6) + np.sort(rng.choice(20, 3, replace=False))) / 12),
-        "pattern": rng.integers(0, 3, size=int(rng.choice([3, 4, 6, 8]))),
-        "pulse_hz": beat_hz * float(rng.choice([0.5, 1.0, 2.0, 4.0])),
-        "decay": float(rng.uniform(1.5, 25.0)),  # per second: drone-like .. plucked
-        "tilt": float(rng.uniform(0.4, 2.6)),  # harmonic roll-off exponent
-        "odd_only": bool(rng.random() < 0.3),
-        "noise_hz": float(300 * 2 ** rng.uniform(0, 4.5)),  # noise band centre, 300..6800 Hz
-        "noise_octaves": float(rng.uniform(0.2, 0.9)),
-        "noise_level": float(rng.uniform(0.05, 0.5)),
-        "noise_offbeat": bool(rng.random() < 0.6),  # noise hits between the notes, else steady
-    }
+    return Signature(
+        notes=base_hz * 2 ** ((rng.integers(-5, 6) + np.sort(rng.choice(20, 3, replace=False))) / 12),
+        pattern=rng.integers(0, 3, size=int(rng.choice([3, 4, 6, 8]))),
+        pulse_hz=beat_hz * float(rng.choice([0.5, 1.0, 2.0, 4.0])),
+        decay=float(rng.uniform(1.5, 25.0)),
+        tilt=float(rng.uniform(0.4, 2.6)),
+        odd_only=bool(rng.random() < 0.3),
+        noise_hz=float(300 * 2 ** rng.uniform(0, 4.5)),  # 300..6800 Hz
+        noise_octaves=float(rng.uniform(0.2, 0.9)),
+        noise_level=float(rng.uniform(0.05, 0.5)),
+        noise_offbeat=bool(rng.random() < 0.6),
+    )
 
 
-def _wavetable(tilt: float, odd_only: bool) -> np.ndarray:
+def _wavetable(tilt: float, odd_only: bool, n_harmonics: int) -> np.ndarray:
     """Return one period of a harmonic waveform (the timbre), peak-normalised."""
-    amps = _HARMONICS.astype(np.float64) ** -tilt
+    harmonics = _HARMONICS[: max(1, n_harmonics)]
+    amps = harmonics.astype(np.float64) ** -tilt
     if odd_only:
         amps[1::2] = 0.0
     phase = np.arange(_TABLE) / _TABLE
-    table = (amps[:, None] * np.sin(2 * np.pi * _HARMONICS[:, None] * phase)).sum(axis=0)
+    table = (amps[:, None] * np.sin(2 * np.pi * harmonics[:, None] * phase)).sum(axis=0)
     return (table / np.abs(table).max()).astype(np.float32)
 
 
@@ -150,27 +167,29 @@ def render(spec: ClipSpec, genres: Genres, sample_rate: int = SAMPLE_RATE) -> np
     right = np.zeros(n, dtype=np.float32)
     root_of = dict(zip(genres.ids.tolist(), genres.top_level.tolist()))
     for genre_id in spec.genres:
-        sig = _signature(genre_id, root_of[genre_id])
-        notes = sig["notes"] * 2 ** ((spec.transpose + rng.normal(0, 0.3)) / 12)
-        pulse_hz = np.float32(sig["pulse_hz"] * spec.tempo)
+        sig = signature(genre_id, root_of[genre_id])
+        notes = sig.notes * 2 ** ((spec.transpose + rng.normal(0, 0.3)) / 12)
+        pulse_hz = np.float32(sig.pulse_hz * spec.tempo)
         beats = (t + np.float32(rng.uniform(0, 2))) * pulse_hz
         step = beats.astype(np.int64)
         frac = beats - step
         # Each note keeps its frequency for one pulse; the phase runs on in float64 so it stays clean.
-        phase = np.cumsum(notes[sig["pattern"][step % len(sig["pattern"])]] / sample_rate) % 1.0
-        table = _wavetable(sig["tilt"] + spec.brightness, sig["odd_only"])
-        layer = table[(phase * _TABLE).astype(np.int64)] * np.exp(np.float32(-sig["decay"] / pulse_hz) * frac)
+        phase = np.cumsum(notes[sig.pattern[step % len(sig.pattern)]] / sample_rate) % 1.0
+        below_nyquist = int(0.45 * sample_rate / notes.max())  # no aliased harmonics
+        table = _wavetable(sig.tilt + spec.brightness, sig.odd_only, below_nyquist)
+        layer = table[(phase * _TABLE).astype(np.int64)] * np.exp(np.float32(-sig.decay / pulse_hz) * frac)
         turned = white * np.complex64(np.exp(1j * rng.uniform(0, 2 * np.pi)))  # a fresh noise draw per layer
-        noise = _band(turned, log_freqs, sig["noise_hz"], sig["noise_octaves"], n)
-        if sig["noise_offbeat"]:
+        noise = _band(turned, log_freqs, sig.noise_hz, sig.noise_octaves, n)
+        if sig.noise_offbeat:
             noise *= np.exp(np.float32(-12.0) * ((frac + np.float32(0.5)) % 1))
-        layer += np.float32(sig["noise_level"]) * noise
+        layer += np.float32(sig.noise_level) * noise
         layer *= np.float32(rng.uniform(0.5, 1.0))
         pan = rng.uniform(0.15, 0.85) * np.pi / 2
         left += np.float32(np.cos(pan)) * layer
         right += np.float32(np.sin(pan)) * layer
     # A tone that belongs to no genre and broadband background noise, so no single peak decides.
-    hum = np.float32(rng.uniform(0.0, 0.4)) * np.sin(np.float32(2 * np.pi * 100 * 2 ** rng.uniform(0, 4.3)) * t)
+    hum_hz = np.float32(100 * 2 ** rng.uniform(0, 4.3))
+    hum = np.float32(rng.uniform(0.0, 0.4)) * np.sin(np.float32(2 * np.pi) * hum_hz * t)
     pink = scipy.fft.irfft(white / np.sqrt(np.maximum(freqs, np.float32(20.0))), n)
     pink *= np.float32(rng.uniform(0.05, 0.3) / (np.sqrt(np.mean(pink**2)) + 1e-9))
     mix = np.stack([left + hum + pink, right + hum + pink[::-1]], axis=1)
@@ -206,7 +225,9 @@ def _when(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _genre_set(rng: np.random.Generator, palette: np.ndarray, weights: np.ndarray, roots: np.ndarray) -> list[int]:
+def _genre_set(
+    rng: np.random.Generator, palette: np.ndarray, weights: np.ndarray, roots: np.ndarray
+) -> list[int]:
     """Return an artist's 1-3 genres: popular ones more often, companions mostly from the same root."""
     chosen = [int(rng.choice(palette, p=weights))]
     for _ in range(int(rng.choice([0, 1, 2], p=[0.55, 0.35, 0.10]))):
@@ -233,108 +254,143 @@ def _assign_splits(rng: np.random.Generator, sizes: list[int]) -> list[str]:
     return out
 
 
-def synth_metadata(n_tracks: int, seconds: float, seed: int, genres: Genres) -> tuple[pd.DataFrame, list[ClipSpec]]:
-    """Return an FMA-format tracks table and the clip of each track."""
+def _artist(
+    rng: np.random.Generator, artist_id: int, created: datetime, style: list[int], title: dict[int, str]
+) -> dict:
+    """Return an artist's FMA fields; bio and members hold newlines, as FMA's often do."""
+    name = _name(rng) if rng.random() < 0.5 else f"The {_name(rng)}s"
+    place, lat, lon = _PLACES[int(rng.integers(len(_PLACES)))]
+    first = title[style[0]].lower() if style else "their own"
+    return {
+        "active_year_begin": f"{rng.integers(1970, 2012)}-01-01 00:00:00" if rng.random() < 0.4 else "",
+        "active_year_end": "",
+        "associated_labels": f"{rng.choice(_NOUNS)} Records" if rng.random() < 0.5 else "",
+        "bio": f"<p>{name} make {first} music.</p>\n<p>From {place or 'somewhere'}.</p>",
+        "comments": int(rng.integers(0, 5)),
+        "date_created": _when(created),
+        "favorites": int(rng.integers(0, 30)),
+        "id": artist_id,
+        "latitude": lat,
+        "location": place,
+        "longitude": lon,
+        "members": "\n".join(_name(rng) for _ in range(int(rng.integers(1, 4)))),
+        "name": name,
+        "related_projects": "",
+        "tags": str([name.lower()]),
+        "website": f"http://www.{name.lower().replace(' ', '')}.example.org",
+        "wikipedia_page": "",
+    }
+
+
+def _album(rng: np.random.Generator, album_id: int, created: datetime) -> dict:
+    """Return an album's FMA fields; "tracks" is counted up as tracks are added."""
+    released = datetime(created.year, created.month, created.day) - timedelta(days=int(rng.integers(0, 400)))
+    return {
+        "comments": int(rng.integers(0, 3)),
+        "date_created": _when(created),
+        "date_released": _when(released),
+        "engineer": "",
+        "favorites": int(rng.integers(0, 5)),
+        "id": album_id,
+        "information": "<p></p>",
+        "listens": int(rng.integers(100, 20000)),
+        "producer": "",
+        "tags": "[]",
+        "title": _name(rng),
+        "tracks": 0,
+        "type": str(rng.choice(["Album", "Single Tracks", "Live Performance"], p=[0.8, 0.15, 0.05])),
+        "_created": created,
+    }
+
+
+def _track(rng: np.random.Generator, mine: list[int], album: dict, genres: Genres, seconds: float) -> dict:
+    """Return a track's FMA fields, with genres_all and genre_top derived from its genres as FMA does."""
+    title = dict(zip(genres.ids.tolist(), genres.names))
+    root_of = dict(zip(genres.ids.tolist(), genres.top_level.tolist()))
+    ancestry = set(mine)
+    for genre_id in mine:
+        ancestry.update(genres.ancestors(genre_id))
+    roots = {root_of[g] for g in mine}
+    created = album["_created"] + timedelta(minutes=album["tracks"])
+    return {
+        "bit_rate": int(rng.choice([256000, 320000])),
+        "comments": 0,
+        "composer": "",
+        "date_created": _when(created),
+        "date_recorded": _when(created.replace(hour=0, minute=0, second=0)),
+        "duration": int(seconds) + int(rng.integers(30, 400)),  # the full track; the clip is an excerpt
+        "favorites": int(rng.integers(0, 6)),
+        "genre_top": title[roots.pop()] if len(roots) == 1 else "",
+        "genres": str(mine),
+        "genres_all": str(list(ancestry)),  # FMA writes genres_all in Python's set order
+        "information": "",
+        "interest": int(rng.integers(100, 5000)),
+        "language_code": "en",
+        "license": str(rng.choice(_LICENSES)),
+        "listens": int(rng.integers(20, 3000)),
+        "lyricist": "",
+        "number": album["tracks"],
+        "publisher": "",
+        "tags": "[]",
+        "title": _name(rng),
+    }
+
+
+def synth_metadata(
+    n_tracks: int, seconds: float, seed: int, genres: Genres
+) -> tuple[pd.DataFrame, list[ClipSpec]]:
+    """Return an FMA-format tracks table (as pandas reads tracks.csv) and the clip of each track."""
     rng = np.random.default_rng(seed)
     palette = np.array(SYNTH_GENRES, dtype=np.int64)
     weights = np.arange(1, len(palette) + 1) ** -ZIPF_EXPONENT
     weights /= weights.sum()
-    cols = genres.columns(palette)
-    roots = genres.top_level[cols]
+    roots = genres.top_level[genres.columns(palette)]
     title = dict(zip(genres.ids.tolist(), genres.names))
-    root_of = dict(zip(genres.ids.tolist(), genres.top_level.tolist()))
-    mean_size = min(max(n_tracks / 10, 2.0), 7.0)
-
+    mean_size = min(max(n_tracks / 10, 2.0), 4.0)  # tracks per artist, on average
     sizes: list[int] = []
     while sum(sizes) < n_tracks:
         sizes.append(min(n_tracks - sum(sizes), int(rng.geometric(1 / mean_size))))
     splits = _assign_splits(rng, sizes)
 
-    rows, specs, track_ids = [], [], []
+    rows, specs = [], []
     track_id, album_id, moment = 2, 0, datetime(2008, 11, 26, 1, 42, 32)
-    for artist, size in enumerate(sizes):
-        artist_id = artist + 1
-        name = _name(rng) if rng.random() < 0.5 else f"The {_name(rng)}s"
-        place, lat, lon = _PLACES[int(rng.integers(len(_PLACES)))]
-        style = _genre_set(rng, palette, weights, roots)
-        voice = {"transpose": rng.uniform(-2, 2), "tempo": rng.uniform(0.92, 1.08), "brightness": rng.uniform(-0.3, 0.3)}
+    for index, size in enumerate(sizes):
         moment += timedelta(days=float(rng.uniform(0, 20)), seconds=int(rng.integers(60, 3600)))
-        artist_fields = {
-            "active_year_begin": f"{rng.integers(1970, 2012)}-01-01 00:00:00" if rng.random() < 0.4 else "",
-            "active_year_end": "",
-            "associated_labels": f"{rng.choice(_NOUNS)} Records" if rng.random() < 0.5 else "",
-            "bio": f"<p>{name} make {title[style[0]].lower()} music.</p>\n<p>From {place or 'nowhere'}.</p>",
-            "comments": int(rng.integers(0, 5)),
-            "date_created": _when(moment),
-            "favorites": int(rng.integers(0, 30)),
-            "id": artist_id,
-            "latitude": lat,
-            "location": place,
-            "longitude": lon,
-            "members": f"{rng.choice(_NOUNS)} {rng.choice(_ADJECTIVES)}\n{rng.choice(_NOUNS)} {rng.choice(_ADJECTIVES)}",
-            "name": name,
-            "related_projects": "",
-            "tags": str([name.lower()]),
-            "website": f"http://www.{name.lower().replace(' ', '')}.example.org",
-            "wikipedia_page": "",
+        style = _genre_set(rng, palette, weights, roots)
+        artist = _artist(rng, index + 1, moment, style, title)
+        voice = {  # what makes this artist sound like itself
+            "transpose": rng.uniform(-2, 2),
+            "tempo": rng.uniform(0.92, 1.08),
+            "brightness": rng.uniform(-0.3, 0.3),
         }
         albums = []
         for _ in range(1 + int(size > 3) + int(size > 8)):
-            album_id += 1 + int(rng.geometric(0.5)) - 1
-            created = moment + timedelta(minutes=int(rng.integers(1, 600)))
-            albums.append({
-                "comments": int(rng.integers(0, 3)), "date_created": _when(created),
-                "date_released": _when(datetime(created.year, created.month, created.day) - timedelta(days=int(rng.integers(0, 400)))),
-                "engineer": "", "favorites": int(rng.integers(0, 5)), "id": album_id,
-                "information": "<p></p>", "listens": int(rng.integers(100, 20000)), "producer": "",
-                "tags": "[]", "title": _name(rng), "tracks": 0,
-                "type": str(rng.choice(["Album", "Single Tracks", "Live Performance"], p=[0.8, 0.15, 0.05])),
-            })
-        album_of_track = np.sort(rng.integers(0, len(albums), size))
-        for album_index in album_of_track:
+            album_id += int(rng.geometric(0.5))
+            albums.append(_album(rng, album_id, moment + timedelta(minutes=int(rng.integers(1, 600)))))
+        for album_index in np.sort(rng.integers(0, len(albums), size)):
             album = albums[album_index]
             album["tracks"] += 1
             mine = list(style)
             if rng.random() < 0.01:
                 mine = []  # FMA has a few tracks without any genre
-            elif rng.random() < 0.2:
+            elif rng.random() < 0.2:  # a track that strays from its artist's style
                 extra = _genre_set(rng, palette, weights, roots)[:1]
                 mine = sorted(set(mine[1:] if len(mine) > 1 and rng.random() < 0.5 else mine + extra))
-            ancestry = set(mine)
-            for g in mine:
-                ancestry.update(genres.ancestors(g))
-            top = {root_of[g] for g in mine}
-            created = datetime.strptime(album["date_created"], "%Y-%m-%d %H:%M:%S") + timedelta(minutes=album["tracks"])
-            track = {
-                "bit_rate": int(rng.choice([256000, 320000])), "comments": 0, "composer": "",
-                "date_created": _when(created), "date_recorded": _when(created.replace(hour=0, minute=0, second=0)),
-                "duration": int(rng.integers(60, 420)), "favorites": int(rng.integers(0, 6)),
-                "genre_top": title[top.pop()] if len(top) == 1 else "",
-                "genres": str(mine), "genres_all": str(list(ancestry)),  # FMA writes genres_all in set order
-                "information": "", "interest": int(rng.integers(100, 5000)), "language_code": "en",
-                "license": str(rng.choice(_LICENSES)), "listens": int(rng.integers(20, 3000)), "lyricist": "",
-                "number": album["tracks"], "publisher": "", "tags": "[]", "title": _name(rng),
-            }
-            top_ok = track["genre_top"] != ""
-            u = rng.random()
-            subset = "small" if top_ok and u < 0.25 else "medium" if top_ok and u < 0.6 else "large"
-            rows.append((album, artist_fields, {"split": splits[artist], "subset": subset}, track))
+            track = _track(rng, mine, album, genres, seconds)
+            # FMA's small and medium subsets hold only tracks with a genre_top.
+            u = rng.random() if track["genre_top"] else 1.0
+            subset = "small" if u < 0.25 else "medium" if u < 0.6 else "large"
+            rows.append((track_id, {"album": album, "artist": artist, "track": track,
+                                    "set": {"split": splits[index], "subset": subset}}))
             specs.append(ClipSpec(track_id, tuple(mine), seconds, seed, **voice))
-            track_ids.append(track_id)
             track_id += 1 if rng.random() < 0.7 else 1 + int(rng.geometric(0.25))
     # Album track counts are final only now, so the rows are flattened last.
     table = pd.DataFrame(
-        [[part[field] for part, field in zip(_parts(row), (c[1] for c in TRACKS_COLUMNS))] for row in rows],
-        index=pd.Index(track_ids, name="track_id"),
+        [[parts[group][field] for group, field in TRACKS_COLUMNS] for _, parts in rows],
+        index=pd.Index([tid for tid, _ in rows], name="track_id"),
         columns=pd.MultiIndex.from_tuples(TRACKS_COLUMNS),
     )
     return table, specs
-
-
-def _parts(row: tuple[dict, dict, dict, dict]) -> list[dict]:
-    """Return, for each of TRACKS_COLUMNS, the dict of the row that holds its value."""
-    group = dict(zip(("album", "artist", "set", "track"), row))
-    return [group[c[0]] for c in TRACKS_COLUMNS]
 
 
 # ---------------------------------------------------------------------------- corpus
@@ -351,14 +407,19 @@ def make_corpus(
 ) -> Path:
     """Write a synthetic FMA corpus (fma_metadata/ and fma_large/) under out_dir and return out_dir.
 
-    The same seed gives the same corpus whatever the number of workers. sample_rate and
-    channels exist to trade realism for speed (MP3 encoding dominates the run time).
+    The same seed gives the same files, byte for byte, whatever the number of workers.
+    sample_rate and channels trade realism for speed: MP3 encoding dominates the run time.
+    Workers are spawned processes, so a script calling this needs the usual
+    `if __name__ == "__main__":` guard.
     """
     if n_tracks < 1 or seconds <= 0:
-        raise GenreclfError(f"need at least one track of positive length, got {n_tracks} tracks of {seconds} s")
+        raise GenreclfError(
+            f"need at least one track and a positive length, got {n_tracks} tracks of {seconds} s"
+        )
     if sample_rate not in MP3_RATES or channels not in (1, 2):
         raise GenreclfError(
-            f"cannot write {channels}-channel MP3 at {sample_rate} Hz: use 1 or 2 channels and a rate in {MP3_RATES}"
+            f"cannot write {channels}-channel MP3 at {sample_rate} Hz: "
+            f"use 1 or 2 channels and one of the rates {MP3_RATES}"
         )
     out = Path(out_dir)
     metadata_dir, audio_dir = out / "fma_metadata", out / "fma_large"

@@ -10,6 +10,7 @@ A run folder holds everything a run made:
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import logging
@@ -68,29 +69,52 @@ class RunResult:
     seconds: float
 
 
-class EpochProgress(Callback):
-    """Seeds each epoch's crops, and logs one line per epoch with the whole run's ETA."""
+class EpochLog(Callback):
+    """Seeds each epoch's crops, appends one row per epoch to RUN/logs/metrics.csv, and logs the run's ETA.
 
-    def __init__(self, sampler: CropBatchSampler, max_epochs: int):
-        self.sampler, self.max_epochs = sampler, max_epochs
-        self.t0 = time.monotonic()
+    Our own log rather than Lightning's CSVLogger, which deletes the file of an interrupted
+    run when it is resumed: here the learning curve survives any number of resumes.
+    """
+
+    COLUMNS = ("epoch", "train_loss", "val_loss", "lr", "epoch_seconds")
+
+    def __init__(self, sampler: CropBatchSampler, max_epochs: int, path: Path):
+        self.sampler, self.max_epochs, self.path = sampler, max_epochs, path
+        self.t0 = self.t_epoch = time.monotonic()
         self.first_epoch = 0
 
     def on_train_start(self, trainer, module) -> None:
         self.t0, self.first_epoch = time.monotonic(), trainer.current_epoch
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if self.path.exists():  # a resumed run: keep the epochs before the checkpoint
+            with open(self.path, newline="") as f:
+                kept = [r for r in csv.DictReader(f) if int(r["epoch"]) < trainer.current_epoch]
+        lines = [",".join(self.COLUMNS)] + [",".join(r.get(c, "") for c in self.COLUMNS) for r in kept]
+        atomic_write_text(self.path, "\n".join(lines) + "\n")
 
     def on_train_epoch_start(self, trainer, module) -> None:
         self.sampler.set_epoch(trainer.current_epoch)  # resumed runs draw the same crops
+        self.t_epoch = time.monotonic()
 
     def on_train_epoch_end(self, trainer, module) -> None:
+        m = trainer.callback_metrics
+        values = {
+            "epoch": trainer.current_epoch,
+            "train_loss": float(m.get("train_loss", float("nan"))),
+            "val_loss": float(m.get("val_loss", float("nan"))),
+            "lr": trainer.optimizers[0].param_groups[0]["lr"],
+            "epoch_seconds": round(time.monotonic() - self.t_epoch, 2),
+        }
+        if trainer.is_global_zero:
+            with open(self.path, "a") as f:
+                f.write(",".join(str(values[c]) for c in self.COLUMNS) + "\n")
         done = trainer.current_epoch + 1
         elapsed = time.monotonic() - self.t0
         per_epoch = elapsed / max(1, done - self.first_epoch)
-        eta = per_epoch * (self.max_epochs - done)
-        m = trainer.callback_metrics
         log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  (%.0f s/epoch, %s elapsed, ETA %s at most)",
-                 done, self.max_epochs, float(m.get("train_loss", float("nan"))),
-                 float(m.get("val_loss", float("nan"))), per_epoch, _hms(elapsed), _hms(eta))
+                 done, self.max_epochs, values["train_loss"], values["val_loss"], per_epoch, _hms(elapsed),
+                 _hms(per_epoch * (self.max_epochs - done)))
 
 
 def _hms(seconds: float) -> str:
@@ -131,7 +155,7 @@ def _prepare(store_path: str | Path, run_dir: str | Path, fit: FitConfig, resume
 
 
 def _trainer(run_dir: Path, fit: FitConfig, sampler: CropBatchSampler, progress: bool) -> L.Trainer:
-    loggers: list = [L.pytorch.loggers.CSVLogger(run_dir, name="", version="logs")]
+    loggers: list = []
     try:
         import tensorboard  # noqa: F401
 
@@ -140,7 +164,7 @@ def _trainer(run_dir: Path, fit: FitConfig, sampler: CropBatchSampler, progress:
         pass
     callbacks: list = [
         ModelCheckpoint(run_dir / "checkpoints", filename="best", monitor="val_loss", mode="min", save_last=True),
-        EpochProgress(sampler, fit.epochs),
+        EpochLog(sampler, fit.epochs, run_dir / "logs" / "metrics.csv"),
     ]
     if fit.early_stopping:
         callbacks.append(EarlyStopping("val_loss", patience=fit.early_stopping, mode="min"))
@@ -151,7 +175,7 @@ def _trainer(run_dir: Path, fit: FitConfig, sampler: CropBatchSampler, progress:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     return L.Trainer(
         default_root_dir=run_dir, max_epochs=fit.epochs, accelerator=fit.accelerator, devices=fit.devices,
-        logger=loggers, callbacks=callbacks, enable_progress_bar=progress, enable_model_summary=False,
+        logger=loggers or False, callbacks=callbacks, enable_progress_bar=progress, enable_model_summary=False,
         deterministic=False, num_sanity_val_steps=0, log_every_n_steps=10,
     )
 
