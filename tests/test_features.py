@@ -122,3 +122,41 @@ def test_subset_and_genres_all(corpus, tmp_path):
     rows = plain.row_of(store.track_ids)
     assert (store.targets.sum(1) >= plain.targets[rows].sum(1)).all()
     assert isinstance(store.index, pd.DataFrame)
+
+
+def test_shards_in_two_processes_equal_a_plain_run(corpus, store_dir, tmp_path):
+    out = tmp_path / "sharded"
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "genreclf", "-q", "featurize", "--data", str(corpus), "--out",
+                          str(out), "--workers", "1", "--shard", f"{k}/2"], stderr=subprocess.PIPE)
+        for k in range(2)
+    ]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read().decode()
+    sharded, plain = FeatureStore.open(out), FeatureStore.open(store_dir)
+    assert sharded.header.n_parts == 2
+    np.testing.assert_array_equal(sharded.track_ids, plain.track_ids)
+    np.testing.assert_array_equal(sharded.targets, plain.targets)
+    np.testing.assert_array_equal(sharded.split, plain.split)
+    for i in range(len(plain)):
+        np.testing.assert_array_equal(sharded.item(i), plain.item(i))
+
+
+def test_one_shard_alone_is_not_a_readable_store(corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")  # as under torchrun
+    result = featurize(corpus, tmp_path / "s", workers=1, progress=False)
+    assert not result.complete and result.tracks == 10
+    assert (tmp_path / "s" / "part-1-of-3" / "part.json").exists()
+    with pytest.raises(GenreclfError, match="part 1 of 3 is not finished"):
+        FeatureStore.open(tmp_path / "s")
+
+
+def test_batched_log_mel_path_matches_per_worker(corpus, store_dir, tmp_path):
+    """The GPU layout (workers decode, the parent batches log-mel), run here on the CPU."""
+    featurize(corpus, tmp_path / "batched", workers=2, device="cpu", progress=False)
+    batched, plain = FeatureStore.open(tmp_path / "batched"), FeatureStore.open(store_dir)
+    np.testing.assert_array_equal(batched.valid_frames, plain.valid_frames)
+    for i in range(len(plain)):
+        diff = np.abs(batched.item(i).astype(np.float32) - plain.item(i).astype(np.float32)).max()
+        assert diff <= 1e-3

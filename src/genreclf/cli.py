@@ -72,6 +72,7 @@ def cmd_featurize(args: argparse.Namespace) -> int:
         workers=args.workers,
         shard=args.shard,
         min_seconds=args.min_seconds,
+        device=args.device,
         progress=not args.quiet,
     )
     rate = result.done / result.seconds if result.seconds else 0.0
@@ -235,8 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audio", type=Path, default=None,
                    help="audio folder (default: DATA/fma_full, fma_large, fma_medium or fma_small)")
     p.add_argument("--workers", type=_positive_int, default=None, help="decoder processes (default: all cores)")
-    p.add_argument("--shard", type=_shard, default=(0, 1), metavar="K/N",
-                   help="featurize part K of N (0-based) into its own part of the store")
+    p.add_argument("--shard", type=_shard, default=None, metavar="K/N",
+                   help="featurize part K of N (0-based) into its own part of the store; under torchrun or "
+                   "SLURM the default is RANK/WORLD_SIZE")
+    p.add_argument("--device", default=None,
+                   help="batch the log-mel on this torch device (default: cuda if present, else one clip per "
+                   "CPU worker)")
     p.add_argument("--min-seconds", type=_positive_float, default=1.0,
                    help="clips shorter than this are recorded as failed (default 1.0)")
     p.set_defaults(func=cmd_featurize)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
 from genreclf import audio, metadata
@@ -44,14 +45,27 @@ class FeaturizeResult:
     complete: bool  # True once every part of the store is finished
 
 
-def featurize_file(path: str | Path, min_seconds: float = MIN_SECONDS) -> tuple[np.ndarray, int]:
-    """Return (float16 features (938, 128), valid frames) of one clip, padded or cropped to 30 s."""
+def decode_clip(path: str | Path, min_seconds: float = MIN_SECONDS) -> tuple[np.ndarray, int]:
+    """Return (30-s waveform, padded or cropped, valid frames) of one clip; too short is an AudioError."""
     wave = audio.load(path, max_seconds=N_SAMPLES / audio.SAMPLE_RATE)
     seconds = len(wave) / audio.SAMPLE_RATE
     if seconds < min_seconds:
         raise audio.AudioError(f"{path}: too short ({seconds:.2f} s < {min_seconds} s)")
-    feats = log_mel(pad_or_trim(wave))
-    return feats.astype(np.float16), valid_frames(len(wave), N_FRAMES)
+    return pad_or_trim(wave), valid_frames(len(wave), N_FRAMES)
+
+
+def featurize_file(path: str | Path, min_seconds: float = MIN_SECONDS) -> tuple[np.ndarray, int]:
+    """Return (float16 features (938, 128), valid frames) of one clip, padded or cropped to 30 s."""
+    wave, n_valid = decode_clip(path, min_seconds)
+    return log_mel(wave).astype(np.float16), n_valid
+
+
+def shard_from_env() -> tuple[int, int]:
+    """Return (RANK, WORLD_SIZE) when launched by torchrun or SLURM, else (0, 1)."""
+    for rank, world in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if rank in os.environ and world in os.environ:
+            return int(os.environ[rank]), int(os.environ[world])
+    return 0, 1
 
 
 def find_audio_dir(data_dir: Path) -> Path:
@@ -71,11 +85,12 @@ def _worker_init() -> None:
     torch.set_num_threads(1)  # one clip per process: threads would only contend
 
 
-def _work(job: tuple[int, str, float]) -> tuple[int, np.ndarray | None, int, str]:
-    row, path, min_seconds = job
+def _work(job: tuple[int, str, float, bool]) -> tuple[int, np.ndarray | None, int, str]:
+    """Featurize (or, for batched log-mel on a GPU, only decode) one clip; failures become reasons."""
+    row, path, min_seconds, decode_only = job
     try:
-        feats, n_valid = featurize_file(path, min_seconds)
-        return row, feats, n_valid, ""
+        array, n_valid = (decode_clip if decode_only else featurize_file)(path, min_seconds)
+        return row, array, n_valid, ""
     except audio.AudioError as e:
         return row, None, 0, str(e)
     except Exception as e:  # a decoder bug on one odd file must not stop a 10-hour job
@@ -89,8 +104,9 @@ def featurize(
     labels: str = "genres",
     audio_dir: str | Path | None = None,
     workers: int | None = None,
-    shard: tuple[int, int] = (0, 1),
+    shard: tuple[int, int] | None = None,
     min_seconds: float = MIN_SECONDS,
+    device: str | None = None,
     progress: bool = True,
 ) -> FeaturizeResult:
     """Featurize the FMA-layout corpus in `data_dir` into the store `out`; resumes an unfinished run.
@@ -98,11 +114,12 @@ def featurize(
     `data_dir` holds `fma_metadata/` (tracks.csv, genres.csv) and an audio folder such as
     `fma_large/AAA/AAABBB.mp3`. Tracks whose audio is missing or undecodable are recorded
     in failed.csv and the job goes on. `shard=(k, n)` featurizes every n-th track from k
-    into part k of n; the store opens once all parts are finished.
+    into part k of n; the store opens once all parts are finished. With a `device` (default:
+    "cuda" when a GPU is present) workers only decode and the log-mel is batched on it.
     """
     t0 = time.perf_counter()
     data_dir, out = Path(data_dir), Path(out)
-    k, n_shards = shard
+    k, n_shards = shard or shard_from_env()
     if not 0 <= k < n_shards:
         raise GenreclfError(f"shard {k}/{n_shards} is out of range; use K/N with 0 <= K < N")
     meta_dir = data_dir / "fma_metadata" if (data_dir / "fma_metadata").is_dir() else data_dir
@@ -133,13 +150,16 @@ def featurize(
     )
     writer = PartWriter(out / part_name(k, n_shards), plan, labels_.targets[order], N_FRAMES, N_MELS)
     pending = writer.pending_rows()
-    jobs = [(int(r), plan.at[int(r), "path"], min_seconds) for r in pending]
+    if device is None and torch.cuda.is_available():
+        device = "cuda"
+    jobs = [(int(r), plan.at[int(r), "path"], min_seconds, device is not None) for r in pending]
     n_workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
-    log.info("featurizing %d of %d tracks into %s with %d worker(s)", len(jobs), len(plan), out, n_workers)
+    log.info("featurizing %d of %d tracks into %s with %d worker(s)%s", len(jobs), len(plan), out, n_workers,
+             f", log-mel batched on {device}" if device else "")
     bar = tqdm(total=len(plan), initial=len(plan) - len(jobs), unit="clip", desc="featurize",
                disable=not progress, dynamic_ncols=True, smoothing=0.05)
     try:
-        _run(jobs, writer, bar, n_workers)
+        _run(jobs, writer, bar, n_workers, device)
     except BaseException:  # Ctrl-C included: keep every finished row for the next run
         writer.close()
         raise
@@ -167,18 +187,34 @@ def _write_header(out: Path, header: StoreHeader) -> None:
     atomic_write_text(path, header.to_json())
 
 
-def _run(jobs: list[tuple[int, str, float]], writer: PartWriter, bar: tqdm, n_workers: int) -> None:
+def _run(jobs: list[tuple[int, str, float, bool]], writer: PartWriter, bar: tqdm, n_workers: int,
+         device: str | None, batch_size: int = 32) -> None:
     last_flush = time.monotonic()
+    waves: list[tuple[int, np.ndarray, int]] = []  # decoded clips waiting for batched log-mel
+
+    def flush_batch() -> None:
+        x = torch.from_numpy(np.stack([w for _, w, _ in waves])).to(device)
+        with torch.no_grad():
+            feats = log_mel_batch(x).to(torch.float16).cpu().numpy()
+        for (row, _, n_valid), f in zip(waves, feats):
+            writer.write(row, f, n_valid)
+        bar.update(len(waves))
+        waves.clear()
 
     def record(result: tuple[int, np.ndarray | None, int, str]) -> None:
         nonlocal last_flush
-        row, feats, n_valid, reason = result
-        if feats is None:
+        row, array, n_valid, reason = result
+        if array is None:
             writer.fail(row, reason)
             log.warning("%s", reason)
+            bar.update(1)
+        elif device is not None:
+            waves.append((row, array, n_valid))
+            if len(waves) == batch_size:
+                flush_batch()
         else:
-            writer.write(row, feats, n_valid)
-        bar.update(1)
+            writer.write(row, array, n_valid)
+            bar.update(1)
         if time.monotonic() - last_flush > 5.0:
             writer.flush()
             last_flush = time.monotonic()
@@ -186,8 +222,10 @@ def _run(jobs: list[tuple[int, str, float]], writer: PartWriter, bar: tqdm, n_wo
     if n_workers == 1:
         for job in jobs:
             record(_work(job))
-        return
-    ctx = mp.get_context("spawn")  # fork after torch/OpenMP start-up can deadlock
-    with ctx.Pool(n_workers, initializer=_worker_init) as pool:
-        for result in pool.imap_unordered(_work, jobs, chunksize=4):
-            record(result)
+    else:
+        ctx = mp.get_context("spawn")  # fork after torch/OpenMP start-up can deadlock
+        with ctx.Pool(n_workers, initializer=_worker_init) as pool:
+            for result in pool.imap_unordered(_work, jobs, chunksize=4):
+                record(result)
+    if waves:
+        flush_batch()
