@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 DEMO_LR = 1e-3  # 100x the reference's 1e-5: the demo has minutes, not days
 
 
-def run_demo(out: str | Path, tracks: int = 300, seconds: float = 10.0, epochs: int = 15, seed: int = 0,
+def run_demo(out: str | Path, tracks: int = 240, seconds: float = 10.0, epochs: int = 12, seed: int = 0,
              progress: bool = True) -> dict:
     """Run synth -> featurize -> train both models -> evaluate -> predict; return the summary."""
     out = Path(out)
@@ -37,7 +37,8 @@ def run_demo(out: str | Path, tracks: int = 300, seconds: float = 10.0, epochs: 
     timings = {}
     if not (corpus / "fma_metadata" / "tracks.csv").exists():
         t = time.perf_counter()
-        make_corpus(corpus, tracks, seconds=seconds, seed=seed)
+        # 22.05 kHz mono MP3s encode 3x faster than FMA's 44.1 kHz stereo; features are 16 kHz mono anyway.
+        make_corpus(corpus, tracks, seconds=seconds, seed=seed, sample_rate=22050, channels=1)
         timings["synth"] = time.perf_counter() - t
     t = time.perf_counter()
     featurize(corpus, store_dir, progress=progress)

@@ -171,6 +171,7 @@ def _trainer(run_dir: Path, fit: FitConfig, sampler: CropBatchSampler, progress:
     if progress:
         callbacks.append(TQDMProgressBar(refresh_rate=1))
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*")  # Lightning 2.6 vs torch 2.13, not ours
     warnings.filterwarnings("ignore", ".*number of training batches.*smaller than the logging interval.*")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     return L.Trainer(
