@@ -68,31 +68,52 @@ class CropBatchSampler(Sampler):
     """
 
     def __init__(self, valid_frames: np.ndarray, positions: np.ndarray, batch_size: int,
-                 min_frames: int, max_frames: int, seed: int = 0):
+                 min_frames: int, max_frames: int, seed: int = 0, rank: int | None = None,
+                 world_size: int | None = None):
         if not 1 <= min_frames <= max_frames:
             raise GenreclfError(f"crop lengths must satisfy 1 <= min <= max, got {min_frames}..{max_frames}")
         self.valid_frames = np.asarray(valid_frames)
         self.positions = np.asarray(positions)
         self.batch_size, self.min_frames, self.max_frames = batch_size, min_frames, max_frames
         self.seed, self.epoch = seed, 0
+        self.rank, self.world_size = rank, world_size
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose crops the next iteration draws."""
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return -(-len(self.positions) // self.batch_size)
+        _, world = _rank_and_world(self.rank, self.world_size)
+        return -(-(-(-len(self.positions) // world)) // self.batch_size)
 
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
         rng = np.random.default_rng([self.seed, self.epoch])
         self.epoch += 1  # Lightning does not call set_epoch on custom batch samplers; advance ourselves
-        order = rng.permutation(self.positions)
+        order = _this_rank(rng.permutation(self.positions), self.rank, self.world_size)
         for b in range(0, len(order), self.batch_size):
             batch = order[b : b + self.batch_size]
             length = int(rng.integers(self.min_frames, self.max_frames + 1))
             valid = self.valid_frames[batch]
             starts = (rng.random(len(batch)) * (np.maximum(valid - length, 0) + 1)).astype(np.int64)
             yield [(int(p), int(s), int(min(length, v))) for p, s, v in zip(batch, starts, valid)]
+
+
+def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _this_rank(order: np.ndarray, rank: int | None, world_size: int | None) -> np.ndarray:
+    """Return this DDP rank's share of `order`: disjoint, equal-sized (wrapping), as DDP needs."""
+    rank, world = _rank_and_world(rank, world_size)
+    if world == 1:
+        return order
+    per_rank = -(-len(order) // world)
+    padded = np.resize(order, per_rank * world)  # repeats the first few so every rank has as many
+    return padded[rank::world]
 
 
 class EvenCropSampler(Sampler):

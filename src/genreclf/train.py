@@ -178,6 +178,7 @@ def _trainer(run_dir: Path, fit: FitConfig, sampler: CropBatchSampler, progress:
         default_root_dir=run_dir, max_epochs=fit.epochs, accelerator=fit.accelerator, devices=fit.devices,
         logger=loggers or False, callbacks=callbacks, enable_progress_bar=progress, enable_model_summary=False,
         deterministic=False, num_sanity_val_steps=0, log_every_n_steps=10,
+        use_distributed_sampler=False,  # CropBatchSampler shards batches across DDP ranks itself
     )
 
 
