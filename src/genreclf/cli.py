@@ -182,6 +182,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from genreclf.report import build_report
+
+    result = build_report(args.runs, args.out, store=args.store, split=args.split, n_boot=args.boot,
+                          pr_genres=args.pr_genre, progress=not args.quiet)
+    print(f"report written to {result.markdown} (with {result.json.name} and {len(result.figures)} figures)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from genreclf.demo import run_demo
 
@@ -321,6 +330,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop", type=_positive_int, default=256, help="crop length in frames (default 256)")
     p.add_argument("--crops", type=_positive_int, default=8, help="crops per 30-s window (default 8)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "report", help="compare trained runs: metrics with confidence intervals, figures",
+        description="Write OUT/report.md, report.json and PNG figures for one or more runs: each metric with its "
+        "chance level and a 95%% bootstrap interval over tracks, paired bootstrap differences between runs "
+        "evaluated on the same tracks, top-level genre accuracy, per-genre AP and ROC-AUC, precision-recall "
+        "curves, learning curves, and whole-sequence vs crop averaging. Runs are evaluated first where needed.",
+    )
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="run folders from `genreclf train`")
+    p.add_argument("--out", type=Path, required=True, help="folder for the report")
+    p.add_argument("--store", type=Path, default=None, help="store to evaluate on (default: each run's own)")
+    p.add_argument("--split", choices=["official", "reference"], default=None,
+                   help="split to evaluate on (default: the one each run was trained on)")
+    p.add_argument("--boot", type=_positive_int, default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--pr-genre", action="append", default=None, metavar="GENRE",
+                   help="genre for the precision-recall plot (repeatable; default: 3 most frequent + Hip-Hop)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(
         "demo", help="the whole pipeline on a generated corpus, in a few minutes",
