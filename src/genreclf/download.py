@@ -326,6 +326,10 @@ def extract(archive: str | Path, to: str | Path, workers: int | None = None, pro
     _check_space(root, sum(size for _, size in todo), f"unzipping {archive.name}")
     tasks = _split(todo, workers or os.cpu_count() or 1)
     n_workers = max(1, min(workers or os.cpu_count() or 1, len(tasks)))
+    tops = sorted({to / Path(i.filename).parts[0] for i in infos if Path(i.filename).parts})
+    if not todo:
+        log.info("%s: all %d members already unzipped in %s", archive.name, len(infos), to)
+        return tops
     log.info("%s: unzipping %d of %d members into %s", archive.name, len(todo), len(infos), to)
     with tqdm(total=total, initial=done_bytes, unit="B", unit_scale=True, unit_divisor=1024,
               desc=f"unzipping {archive.name}", disable=not progress, dynamic_ncols=True) as bar:
@@ -336,7 +340,7 @@ def extract(archive: str | Path, to: str | Path, workers: int | None = None, pro
             with mp.get_context("spawn").Pool(n_workers) as pool:
                 for n in pool.imap_unordered(_extract_members, [(archive, root, t) for t in tasks]):
                     bar.update(n)
-    return sorted({to / Path(i.filename).parts[0] for i in infos if Path(i.filename).parts})
+    return tops
 
 
 def _split(todo: list[tuple[str, int]], workers: int) -> list[list[str]]:

@@ -7,6 +7,7 @@ then `(librosa.power_to_db(S, ref=np.max) + 40) / 40`, transposed to (frames, 12
 
 from __future__ import annotations
 
+import warnings
 from functools import lru_cache
 
 import numpy as np
@@ -55,6 +56,10 @@ def _mel_to_hz(mel):
 def _constants(device: str) -> tuple[torch.Tensor, torch.Tensor]:
     window = torch.hann_window(N_FFT, periodic=True, dtype=torch.float32, device=device)
     filters = torch.from_numpy(mel_filterbank()).to(device)
+    if filters.device.type == "cpu":
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": we use only CSR @ dense
+            warnings.simplefilter("ignore", UserWarning)
+            filters = filters.to_sparse_csr()  # 2% of the weights are non-zero: 2x faster on a CPU
     return window, filters
 
 
@@ -82,7 +87,12 @@ def log_mel_batch(waveforms: torch.Tensor) -> torch.Tensor:
         waveforms.float(), N_FFT, HOP_LENGTH, window=window, center=True, pad_mode="constant", return_complex=True
     )
     power = spec.real.square() + spec.imag.square()  # (batch, freqs, frames)
-    mel = torch.matmul(filters, power)  # (batch, mels, frames)
+    if filters.layout == torch.sparse_csr:
+        batch, freqs, frames = power.shape
+        flat = power.transpose(0, 1).reshape(freqs, batch * frames)
+        mel = (filters @ flat).reshape(-1, batch, frames).transpose(0, 1)  # (batch, mels, frames)
+    else:
+        mel = torch.matmul(filters, power)  # (batch, mels, frames)
     db = 10.0 * torch.log10(torch.clamp(mel, min=AMIN))
     ref = db.amax(dim=(1, 2), keepdim=True)  # 10*log10(max(amin, ref)) == max of the clamped dB
     db = torch.maximum(db - ref, torch.tensor(-TOP_DB, device=db.device))

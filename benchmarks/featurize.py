@@ -1,0 +1,423 @@
+"""Featurization benchmark: decode-only vs the reference librosa recipe vs genreclf, on the same MP3s.
+
+    python benchmarks/featurize.py --clips 16 --seconds 30 [--workers 2] [--dir DIR]
+
+Writes 2N synthetic 44.1-kHz stereo CBR MP3s (256 and 320 kbit/s, as FMA's) in an FMA
+layout, then measures in one run on the same N files (every other track of the 2N):
+  (a) decode only: soundfile (libsndfile/mpg123, our first decoder) and PyAV (FFmpeg),
+  (b) the reference recipe: librosa.load(sr=16000) + melspectrogram(n_mels=128) +
+      power_to_db(ref=np.max), one float32 .npy per track (saving timed too),
+  (c) ours: genreclf.features.featurize_file + a row of a float16 memmap,
+all single-threaded in this process (CPU ms per clip = per-core cost), then
+  (d) genreclf.features.featurize over the corpus with 1 and W worker processes, and over
+      the 2N clips, each in a fresh subprocess (wall clips/s, CPU incl. children, peak RSS).
+"""
+
+from __future__ import annotations
+
+import os
+
+ORIGINAL_ENV = dict(os.environ)  # featurize subprocesses run with the user's own thread settings
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = "1"  # set before numpy loads: per-core numbers for both recipes
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import multiprocessing as mp  # noqa: E402
+import platform  # noqa: E402
+import resource  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import soundfile as sf  # noqa: E402
+
+BITRATES = {256: 0.2222, 320: 0.0}  # kbit/s -> libsndfile compression_level for CBR MP3 (LAME)
+TARGET_DECODE_RATIO = 1.25  # ours CPU / decode-only CPU, at most
+TARGET_SPEEDUP = 1.4  # ours clips/s per core / reference clips/s per core, at least
+TARGET_DIFF = 1e-3  # max |ours - reference| on the normalised features
+
+
+@dataclass
+class Timing:
+    name: str
+    clips: int
+    wall: float  # seconds
+    cpu: float  # seconds, process_time (this process only: single-threaded runs)
+
+    def row(self, base: "Timing | None" = None) -> str:
+        ratio = f"{self.cpu / base.cpu:7.2f}x" if base else " " * 8
+        return f"  {self.name:<44} {self.clips / self.wall:8.2f} {1000 * self.cpu / self.clips:9.1f}   {ratio}"
+
+
+def timed(name: str, fn, items) -> Timing:
+    """Run fn on every item; return the wall and CPU time."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    for item in items:
+        fn(item)
+    return Timing(name, len(items), time.perf_counter() - t0, time.process_time() - c0)
+
+
+# ---------------------------------------------------------------------------- corpus
+
+
+def _reencode(job: tuple[str, int]) -> None:
+    path, kbps = job
+    data, rate = sf.read(path, dtype="float32", always_2d=True)
+    tmp = path + ".tmp.mp3"
+    sf.write(tmp, data, rate, format="MP3", subtype="MPEG_LAYER_III",
+             compression_level=BITRATES[kbps], bitrate_mode="CONSTANT")
+    os.replace(tmp, path)
+
+
+def build_corpus(root: Path, n: int, seconds: float, workers: int) -> list[Path]:
+    """Return the MP3s of an FMA-layout corpus of n clips under root (reused when already there)."""
+    from genreclf.synth import make_corpus
+
+    done = root / "benchmark-corpus.json"
+    spec = {"clips": n, "seconds": seconds, "bitrates": sorted(BITRATES), "pattern": "(i // 2) % 2"}
+    if not (done.exists() and json.loads(done.read_text()) == spec):
+        t0 = time.perf_counter()
+        make_corpus(root, n, seconds=seconds, seed=0, workers=workers)
+        paths = sorted((root / "fma_large").rglob("*.mp3"))
+        jobs = [(str(p), 320 if (i // 2) % 2 else 256) for i, p in enumerate(paths)]  # both in each half
+        with mp.get_context("spawn").Pool(workers) as pool:
+            pool.map(_reencode, jobs)
+        done.write_text(json.dumps(spec))
+        print(f"corpus: {n} clips of {seconds:g} s written in {time.perf_counter() - t0:.0f} s")
+    return sorted((root / "fma_large").rglob("*.mp3"))
+
+
+# ---------------------------------------------------------------------------- recipes
+
+
+def reference_features(path: Path) -> np.ndarray:
+    """The reference recipe: librosa.load(sr=16000), 30 s, melspectrogram, power_to_db(ref=max)."""
+    import librosa
+
+    y, sr = librosa.load(path, sr=16000)
+    y = librosa.util.fix_length(y, size=30 * 16000)
+    mel = librosa.feature.melspectrogram(y=y, sr=sr, n_mels=128)
+    return ((librosa.power_to_db(mel, ref=np.max) + 40) / 40).T
+
+
+def reference_mel_of(wave: np.ndarray) -> np.ndarray:
+    """The reference's mel + dB on an already decoded 16-kHz waveform."""
+    import librosa
+
+    mel = librosa.feature.melspectrogram(y=wave, sr=16000, n_mels=128)
+    return ((librosa.power_to_db(mel, ref=np.max) + 40) / 40).T
+
+
+def profile_ours(paths: list[Path]) -> list[Timing]:
+    """Time each step of featurize_file separately (same order, same functions)."""
+    import torch
+
+    from genreclf import audio, mel
+
+    decoded = [audio._decode_soundfile(p, 30.0) for p in paths]
+    monos = [a.mean(axis=1, dtype=np.float32) for a, _ in decoded]
+    waves = [mel.pad_or_trim(audio.resample(m, r)) for m, (_, r) in zip(monos, decoded)]
+    window, filters = mel._constants("cpu")
+    x = [torch.from_numpy(w)[None] for w in waves]
+    specs = [torch.stft(v, 2048, 512, window=window, center=True, pad_mode="constant", return_complex=True) for v in x]
+    powers = [s.real.square() + s.imag.square() for s in specs]
+    mels = [torch.matmul(filters, p) for p in powers]
+    feats = [mel.log_mel(w) for w in waves]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        sparse = filters.to_sparse_csr()  # 2,020 of 131,200 filter weights are non-zero
+    assert all(np.array_equal(_mono_fast(a), m) for (a, _), m in zip(decoded, monos))  # bit-identical
+    it = list(range(len(paths)))
+    with torch.no_grad():
+        return [
+            timed("  soundfile decode (up to 31 s)", lambda i: audio._decode_soundfile(paths[i], 30.0), it),
+            timed("  stereo -> mono", lambda i: decoded[i][0].mean(axis=1, dtype=np.float32), it),
+            timed("  stereo -> mono, (L + R) * 0.5 [suggested]", lambda i: _mono_fast(decoded[i][0]), it),
+            timed("  soxr HQ 44.1 -> 16 kHz", lambda i: audio.resample(monos[i], decoded[i][1]), it),
+            timed("  torch.stft (2048/512, centred)", lambda i: torch.stft(
+                x[i], 2048, 512, window=window, center=True, pad_mode="constant", return_complex=True), it),
+            timed("  |X|^2", lambda i: specs[i].real.square() + specs[i].imag.square(), it),
+            timed("  mel matmul (128 x 1025 dense)", lambda i: torch.matmul(filters, powers[i]), it),
+            timed("  mel sparse CSR matmul [suggested]", lambda i: sparse @ powers[i][0], it),
+            timed("  log10, ref=max, top_db, scale", lambda i: _db(mels[i]), it),
+            timed("  log_mel total (torch, to numpy)", lambda i: mel.log_mel(waves[i]), it),
+            timed("  float32 -> float16", lambda i: feats[i].astype(np.float16), it),
+        ]
+
+
+def _mono_fast(stereo: np.ndarray) -> np.ndarray:
+    """Average the channels by adding columns: numpy's mean over a length-2 axis is ~20x slower; same bits."""
+    out = stereo[:, 0].copy()
+    for c in range(1, stereo.shape[1]):
+        out += stereo[:, c]
+    return out * np.float32(0.5) if stereo.shape[1] == 2 else out / np.float32(stereo.shape[1])
+
+
+def _db(mel_power):
+    """The dB and normalisation step of genreclf.mel.log_mel_batch, alone."""
+    import torch
+
+    db = 10.0 * torch.log10(torch.clamp(mel_power, min=1e-10))
+    db = torch.maximum(db - db.amax(dim=(1, 2), keepdim=True), torch.tensor(-80.0))
+    return (db + 40.0) / 40.0
+
+
+def ours_with_fixes(path: Path, sparse) -> np.ndarray:
+    """featurize_file with the two suggested fixes (fast stereo -> mono, sparse mel matmul): a prototype."""
+    import torch
+
+    from genreclf import audio, mel
+
+    stereo, rate = audio._decode_soundfile(path, 30.0)
+    wave = mel.pad_or_trim(audio.resample(_mono_fast(stereo), rate))
+    window, _ = mel._constants("cpu")
+    with torch.no_grad():
+        spec = torch.stft(torch.from_numpy(wave), 2048, 512, window=window, center=True, pad_mode="constant",
+                          return_complex=True)
+        power = spec.real.square() + spec.imag.square()
+        return _db((sparse @ power)[None])[0].T.to(torch.float16).numpy()
+
+
+def max_rss_mb(who: int = resource.RUSAGE_SELF) -> float:
+    return resource.getrusage(who).ru_maxrss / 1024  # Linux reports KiB
+
+
+# ---------------------------------------------------------------------------- featurize in a subprocess
+
+
+def _peak_rss_mb(pid: int | str = "self") -> float:
+    """VmHWM of a process in MB: unlike ru_maxrss it restarts at exec, so a parent's size does not leak in."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        pass
+    return 0.0
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def run_featurize_child(args: dict) -> dict:
+    """Run genreclf featurize in this (fresh) process and return its wall, CPU and peak RSS."""
+    import threading
+
+    from genreclf.features import featurize
+
+    peak_worker, stop = [0.0], threading.Event()
+
+    def watch() -> None:  # the pool's workers live only during featurize: sample their VmHWM
+        while not stop.wait(0.1):
+            for kid in _children(os.getpid()):
+                peak_worker[0] = max(peak_worker[0], _peak_rss_mb(kid))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    me0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    result = featurize(args["data"], args["out"], workers=args["workers"], shard=tuple(args["shard"]), progress=False)
+    wall = time.perf_counter() - t0
+    stop.set()
+    watcher.join()
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {
+        "done": result.done, "wall": wall,
+        "cpu": me.ru_utime + me.ru_stime - me0.ru_utime - me0.ru_stime + kids.ru_utime + kids.ru_stime,
+        "rss_parent": _peak_rss_mb(), "rss_worker": peak_worker[0],
+    }
+
+
+def featurize_in_subprocess(data: Path, out: Path, workers: int, shard: tuple[int, int]) -> dict:
+    job = {"data": str(data), "out": str(out), "workers": workers, "shard": list(shard)}
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], env=ORIGINAL_ENV,
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"featurize subprocess failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import librosa
+    import torch
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
+    return (f"{model}, {os.cpu_count()} CPUs ({usable} usable, load average {load}), Python {platform.python_version()}, "
+            f"torch {torch.__version__}, librosa {librosa.__version__}, soundfile {sf.__version__} "
+            f"(libsndfile {sf.__libsndfile_version__})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clips", type=int, default=16, help="clips per measurement (2x are generated)")
+    parser.add_argument("--seconds", type=float, default=30.0, help="clip length (default 30)")
+    parser.add_argument("--workers", type=int, default=2, help="processes for the scaling run (default 2)")
+    parser.add_argument("--dir", type=Path, default=None, help="work folder, kept (default: a temp folder)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run_featurize_child(json.loads(args.child))))
+        return
+
+    import librosa
+    import torch
+
+    from genreclf import audio
+    from genreclf.features import featurize_file
+    from genreclf.mel import log_mel, pad_or_trim
+
+    torch.set_num_threads(1)
+    print(f"machine: {machine()}")
+    work = args.dir or Path(tempfile.mkdtemp(prefix="genreclf-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    corpus = work / "corpus"
+    all_paths = build_corpus(corpus, 2 * args.clips, args.seconds, max(1, args.workers))
+    paths = all_paths[0::2]  # = featurize's shard 0/2, so (c) and (d) see the same files
+    n = len(paths)
+    kbps = [8 * p.stat().st_size / args.seconds / 1000 for p in paths]
+    print(f"clips: {n} x {args.seconds:g} s, 44.1 kHz stereo MP3, {min(kbps):.0f}-{max(kbps):.0f} kbit/s, "
+          f"{sum(p.stat().st_size for p in paths) / n / 1e6:.2f} MB each")
+
+    # Warm-up: librosa's first call compiles and caches; torch builds its window and filters.
+    reference_features(paths[0])
+    featurize_file(paths[0])
+    for p in paths:  # read every file once so that all recipes start from the page cache
+        p.read_bytes()
+
+    ref_dir = work / "reference_npy"
+    ref_dir.mkdir(exist_ok=True)
+    store = np.lib.format.open_memmap(work / "ours_features.npy", "w+", np.float16, (n, 938, 128))
+
+    def reference(i: int) -> None:
+        np.save(ref_dir / f"{paths[i].stem}.npy", reference_features(paths[i]).astype(np.float32))
+
+    def ours(i: int) -> None:
+        store[i] = featurize_file(paths[i])[0]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        from genreclf.mel import _constants
+
+        sparse = _constants("cpu")[1].to_sparse_csr()
+    fixed = np.zeros((n, 938, 128), np.float16)
+
+    def ours_fixed(i: int) -> None:
+        fixed[i] = ours_with_fixes(paths[i], sparse)
+
+    ours_fixed(0)
+    it = list(range(n))
+    decode_sf = timed("(a) decode only: soundfile", lambda i: sf.read(paths[i], dtype="float32"), it)
+    decode_av = timed("(a) decode only: PyAV (reference)", lambda i: audio._decode_pyav(paths[i], None), it)
+    ref = timed("(b) reference: librosa + float32 .npy", reference, it)
+    c0, t0 = time.process_time(), time.perf_counter()
+    for i in it:
+        ours(i)
+    store.flush()
+    mine = Timing("(c) ours: featurize_file + float16 memmap", n, time.perf_counter() - t0, time.process_time() - c0)
+    proto = timed("(c') ours + suggested fixes (prototype)", ours_fixed, it)
+    rss_single = max_rss_mb()
+    steps = profile_ours(paths)
+
+    # Agreement, on the same files and on the same decoded audio.
+    diff_stored = diff_mel = diff_wave = diff_fixed = 0.0
+    for i, p in enumerate(paths):
+        theirs = np.load(ref_dir / f"{p.stem}.npy")
+        diff_stored = max(diff_stored, float(np.abs(store[i].astype(np.float32) - theirs).max()))
+        diff_fixed = max(diff_fixed, float(np.abs(fixed[i].astype(np.float32) - theirs).max()))
+        wave = audio.load(p)
+        y, _ = librosa.load(p, sr=16000)
+        m = min(len(wave), len(y))
+        diff_wave = max(diff_wave, float(np.abs(wave[:m] - y[:m]).max()) + abs(len(wave) - len(y)))
+        w = pad_or_trim(wave)
+        diff_mel = max(diff_mel, float(np.abs(log_mel(w) - reference_mel_of(w)).max()))
+
+    # Scaling and memory: fresh processes, the user's thread settings; N and 2N clips each, so that
+    # the difference gives the steady state without process start-up.
+    runs = {}
+    for workers in sorted({1, args.workers}):
+        for shard in ((0, 2), (0, 1)):
+            out = work / f"store-{workers}-{shard[1]}"
+            if out.exists():
+                shutil.rmtree(out)
+            runs[workers, shard[1]] = featurize_in_subprocess(corpus, out, workers, shard)
+    store_bytes = (work / "store-1-2/part-0-of-2/features.npy").stat().st_size / n
+    ref_bytes = sum((ref_dir / f"{p.stem}.npy").stat().st_size for p in paths) / n
+
+    print(f"\nsingle process, one thread, {n} clips (page cache warm)")
+    print(f"  {'':<44} {'clips/s':>8} {'CPU ms/clip':>11} {'vs decode':>9}")
+    for t in (decode_sf, decode_av, ref, mine, proto):
+        print(t.row(decode_sf))
+    print("  ours, step by step:")
+    for t in steps:
+        print(t.row(decode_sf))
+    print("\nfeaturize (genreclf.features.featurize, fresh subprocess; imports excluded, pool start-up included)")
+    print(f"  {'':<22} {'clips':>5} {'clips/s':>8} {'CPU ms/clip':>11}   {'peak RSS parent / worker MB':>27}")
+    steady = {}
+    for (workers, parts), r in runs.items():
+        label = f"{workers} worker{'s' * (workers > 1)}, {'N' if parts == 2 else '2N'}"
+        print(f"  {label:<22} {r['done']:5d} {r['done'] / r['wall']:8.2f} {1000 * r['cpu'] / r['done']:11.1f}   "
+              f"{r['rss_parent']:16.0f} / {r['rss_worker']:.0f}")
+        if parts == 1:
+            small, extra = runs[workers, 2], r["done"] - runs[workers, 2]["done"]
+            steady[workers] = (extra / (r["wall"] - small["wall"]), 1000 * (r["cpu"] - small["cpu"]) / extra)
+    for workers, (rate, cpu) in steady.items():
+        label = f"{workers} worker{'s' * (workers > 1)}, 2N - N"
+        print(f"  {label:<22} {'':5} {rate:8.2f} {cpu:11.1f}   (steady state: start-up cancels out)")
+
+    ratio = mine.cpu / decode_sf.cpu
+    speedup = ref.cpu / mine.cpu  # per core: single-threaded CPU time, robust to other load on the machine
+    print("\nsummary")
+    print(f"  ours / decode-only CPU                      {ratio:6.2f}   (target <= {TARGET_DECODE_RATIO})"
+          f"  {'ok' if ratio <= TARGET_DECODE_RATIO else 'MISSED'}")
+    print(f"  ours / reference clips/s per core (CPU)     {speedup:6.2f}   (target >= {TARGET_SPEEDUP})"
+          f"  {'ok' if speedup >= TARGET_SPEEDUP else 'MISSED'}; by wall clock {ref.wall / mine.wall:.2f}")
+    print(f"  max |ours - reference|, stored float16      {diff_stored:.2e} (target <= {TARGET_DIFF:g})"
+          f"  {'ok' if diff_stored <= TARGET_DIFF else 'MISSED'}")
+    print(f"  max |ours - reference|, float32, same audio {diff_mel:.2e}")
+    print(f"  with the suggested fixes: CPU {proto.cpu / decode_sf.cpu:.2f}x decode, {ref.cpu / proto.cpu:.2f}x "
+          f"reference per core, max |diff| {diff_fixed:.2e} stored")
+    print(f"  max |our decode - librosa.load|             {diff_wave:.2e}")
+    if args.workers > 1:
+        print(f"  featurize steady-state scaling 1 -> {args.workers} workers "
+              f"{steady[args.workers][0] / steady[1][0]:6.2f}x")
+    print(f"  bytes per track: ours float16 {store_bytes / 1e3:.0f} KB, reference float32 .npy {ref_bytes / 1e3:.0f} KB")
+    w = args.workers
+    print(f"  featurize peak RSS, N={n} -> 2N={2 * n} clips: parent {runs[w, 2]['rss_parent']:.0f} -> "
+          f"{runs[w, 1]['rss_parent']:.0f} MB, worker {runs[w, 2]['rss_worker']:.0f} -> "
+          f"{runs[w, 1]['rss_worker']:.0f} MB (this benchmark process: {rss_single:.0f} MB)")
+    if args.dir:
+        print(f"  files kept in {work}")
+    else:
+        shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()
