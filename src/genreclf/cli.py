@@ -383,9 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate both on the test split, print a side-by-side table and the top-5 genres of a few files.",
     )
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for everything (default demo_out)")
-    p.add_argument("--tracks", type=_positive_int, default=240, help="tracks to generate (default 240)")
+    p.add_argument("--tracks", type=_positive_int, default=300, help="tracks to generate (default 300)")
     p.add_argument("--seconds", type=_positive_float, default=10.0, help="clip length (default 10 s)")
-    p.add_argument("--epochs", type=_positive_int, default=12, help="training epochs per model (default 12)")
+    p.add_argument("--epochs", type=_positive_int, default=14, help="training epochs per model (default 14)")
     p.set_defaults(func=cmd_demo)
     return parser
 

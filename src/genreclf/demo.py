@@ -1,8 +1,8 @@
 """`genreclf demo`: the whole pipeline on a generated corpus, in a few minutes on a laptop CPU.
 
 Every number it prints is computed by the run itself on the synthetic corpus it generates.
-The demo trains with a learning rate of 1e-3 rather than the reference's 1e-5, so that a
-few epochs are enough; everything else is the reference recipe.
+The demo trains with a learning rate of 1e-3 rather than the reference's 1e-5 and batches of
+16 rather than 32, so that a few epochs are enough; everything else is the reference recipe.
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ from genreclf.train import FitConfig, train
 log = logging.getLogger(__name__)
 
 DEMO_LR = 1e-3  # 100x the reference's 1e-5: the demo has minutes, not days
+DEMO_BATCH = 16  # half the reference's 32: twice the optimiser steps in the same time
 # Both models on FMA's artist-filtered split, and the GRU again on the reference's leaky random split.
 RUNS = (("gru", "official"), ("transformer", "official"), ("gru", "reference"))
 
 
-def run_demo(out: str | Path, tracks: int = 240, seconds: float = 10.0, epochs: int = 12, seed: int = 0,
+def run_demo(out: str | Path, tracks: int = 300, seconds: float = 10.0, epochs: int = 14, seed: int = 0,
              progress: bool = True) -> dict:
     """Run synth -> featurize -> train both models -> evaluate -> predict; return the summary."""
     out = Path(out)
@@ -56,7 +57,7 @@ def run_demo(out: str | Path, tracks: int = 240, seconds: float = 10.0, epochs: 
         resume = (run_dir / "checkpoints" / "last.ckpt").exists() and not (run_dir / "model.safetensors").exists()
         if not (run_dir / "model.safetensors").exists():
             log.info("demo: training %s on the %s split", model, split)
-            fit = FitConfig(model=model, epochs=epochs, seed=seed, workers=0, split=split)
+            fit = FitConfig(model=model, epochs=epochs, batch_size=DEMO_BATCH, seed=seed, workers=0, split=split)
             run = train(store_dir, run_dir, fit, TrainConfig(lr=DEMO_LR), resume=resume, progress=progress)
             timings[f"train_{model}_{split}"] = run.seconds
         info = json.loads((run_dir / "train.json").read_text())
