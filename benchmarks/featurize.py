@@ -31,7 +31,6 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-import warnings  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -122,42 +121,33 @@ def profile_ours(paths: list[Path]) -> list[Timing]:
     from genreclf import audio, mel
 
     decoded = [audio._decode_soundfile(p, 30.0) for p in paths]
-    monos = [a.mean(axis=1, dtype=np.float32) for a, _ in decoded]
+    monos = [audio.downmix(a) for a, _ in decoded]
     waves = [mel.pad_or_trim(audio.resample(m, r)) for m, (_, r) in zip(monos, decoded)]
-    window, filters = mel._constants("cpu")
+    window, sparse = mel._constants("cpu")  # the filterbank as genreclf uses it on a CPU (sparse CSR)
+    dense = torch.from_numpy(mel.mel_filterbank())
     x = [torch.from_numpy(w)[None] for w in waves]
     specs = [torch.stft(v, 2048, 512, window=window, center=True, pad_mode="constant", return_complex=True) for v in x]
     powers = [s.real.square() + s.imag.square() for s in specs]
-    mels = [torch.matmul(filters, p) for p in powers]
+    mels = [torch.matmul(dense, p) for p in powers]
     feats = [mel.log_mel(w) for w in waves]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-        sparse = filters.to_sparse_csr()  # 2,020 of 131,200 filter weights are non-zero
-    assert all(np.array_equal(_mono_fast(a), m) for (a, _), m in zip(decoded, monos))  # bit-identical
+    assert all(np.array_equal(a.mean(axis=1, dtype=np.float32), m) for (a, _), m in zip(decoded, monos))  # same bits
     it = list(range(len(paths)))
     with torch.no_grad():
         return [
             timed("  soundfile decode (up to 31 s)", lambda i: audio._decode_soundfile(paths[i], 30.0), it),
-            timed("  stereo -> mono", lambda i: decoded[i][0].mean(axis=1, dtype=np.float32), it),
-            timed("  stereo -> mono, (L + R) * 0.5 [suggested]", lambda i: _mono_fast(decoded[i][0]), it),
+            timed("  stereo -> mono, numpy mean(axis=1) [was]", lambda i: decoded[i][0].mean(axis=1, dtype=np.float32),
+                  it),
+            timed("  stereo -> mono, audio.downmix", lambda i: audio.downmix(decoded[i][0]), it),
             timed("  soxr HQ 44.1 -> 16 kHz", lambda i: audio.resample(monos[i], decoded[i][1]), it),
             timed("  torch.stft (2048/512, centred)", lambda i: torch.stft(
                 x[i], 2048, 512, window=window, center=True, pad_mode="constant", return_complex=True), it),
             timed("  |X|^2", lambda i: specs[i].real.square() + specs[i].imag.square(), it),
-            timed("  mel matmul (128 x 1025 dense)", lambda i: torch.matmul(filters, powers[i]), it),
-            timed("  mel sparse CSR matmul [suggested]", lambda i: sparse @ powers[i][0], it),
+            timed("  mel matmul, dense 128 x 1025 [was]", lambda i: torch.matmul(dense, powers[i]), it),
+            timed("  mel matmul, sparse CSR", lambda i: sparse @ powers[i][0], it),
             timed("  log10, ref=max, top_db, scale", lambda i: _db(mels[i]), it),
             timed("  log_mel total (torch, to numpy)", lambda i: mel.log_mel(waves[i]), it),
             timed("  float32 -> float16", lambda i: feats[i].astype(np.float16), it),
         ]
-
-
-def _mono_fast(stereo: np.ndarray) -> np.ndarray:
-    """Average the channels by adding columns: numpy's mean over a length-2 axis is ~20x slower; same bits."""
-    out = stereo[:, 0].copy()
-    for c in range(1, stereo.shape[1]):
-        out += stereo[:, c]
-    return out * np.float32(0.5) if stereo.shape[1] == 2 else out / np.float32(stereo.shape[1])
 
 
 def _db(mel_power):
@@ -167,22 +157,6 @@ def _db(mel_power):
     db = 10.0 * torch.log10(torch.clamp(mel_power, min=1e-10))
     db = torch.maximum(db - db.amax(dim=(1, 2), keepdim=True), torch.tensor(-80.0))
     return (db + 40.0) / 40.0
-
-
-def ours_with_fixes(path: Path, sparse) -> np.ndarray:
-    """featurize_file with the two suggested fixes (fast stereo -> mono, sparse mel matmul): a prototype."""
-    import torch
-
-    from genreclf import audio, mel
-
-    stereo, rate = audio._decode_soundfile(path, 30.0)
-    wave = mel.pad_or_trim(audio.resample(_mono_fast(stereo), rate))
-    window, _ = mel._constants("cpu")
-    with torch.no_grad():
-        spec = torch.stft(torch.from_numpy(wave), 2048, 512, window=window, center=True, pad_mode="constant",
-                          return_complex=True)
-        power = spec.real.square() + spec.imag.square()
-        return _db((sparse @ power)[None])[0].T.to(torch.float16).numpy()
 
 
 def max_rss_mb(who: int = resource.RUSAGE_SELF) -> float:
@@ -222,11 +196,17 @@ def run_featurize_child(args: dict) -> dict:
     from genreclf.features import featurize
 
     peak_worker, stop = [0.0], threading.Event()
+    state_file = Path(args["out"]) / f"part-{args['shard'][0]}-of-{args['shard'][1]}" / "state.npy"
+    progress: list[tuple[float, int]] = []  # (time, rows done): the steady rate, without pool start-up
 
     def watch() -> None:  # the pool's workers live only during featurize: sample their VmHWM
-        while not stop.wait(0.1):
+        while not stop.wait(0.05):
             for kid in _children(os.getpid()):
                 peak_worker[0] = max(peak_worker[0], _peak_rss_mb(kid))
+            try:
+                progress.append((time.perf_counter(), int(np.count_nonzero(np.load(state_file)))))
+            except (OSError, ValueError):
+                pass
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
@@ -237,8 +217,11 @@ def run_featurize_child(args: dict) -> dict:
     stop.set()
     watcher.join()
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    total = result.done + result.failed
+    quarter = next(((t, k) for t, k in progress if k >= total // 4), None)
+    steady = (total - quarter[1]) / (t0 + wall - quarter[0]) if quarter and quarter[1] < total else float("nan")
     return {
-        "done": result.done, "wall": wall,
+        "done": result.done, "wall": wall, "steady_rate": steady,
         "cpu": me.ru_utime + me.ru_stime - me0.ru_utime - me0.ru_stime + kids.ru_utime + kids.ru_stime,
         "rss_parent": _peak_rss_mb(), "rss_worker": peak_worker[0],
     }
@@ -322,17 +305,6 @@ def main() -> None:
     def ours(i: int) -> None:
         store[i] = featurize_file(paths[i])[0]
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-        from genreclf.mel import _constants
-
-        sparse = _constants("cpu")[1].to_sparse_csr()
-    fixed = np.zeros((n, 938, 128), np.float16)
-
-    def ours_fixed(i: int) -> None:
-        fixed[i] = ours_with_fixes(paths[i], sparse)
-
-    ours_fixed(0)
     it = list(range(n))
     decode_sf = timed("(a) decode only: soundfile", lambda i: sf.read(paths[i], dtype="float32"), it)
     decode_av = timed("(a) decode only: PyAV (reference)", lambda i: audio._decode_pyav(paths[i], None), it)
@@ -342,16 +314,14 @@ def main() -> None:
         ours(i)
     store.flush()
     mine = Timing("(c) ours: featurize_file + float16 memmap", n, time.perf_counter() - t0, time.process_time() - c0)
-    proto = timed("(c') ours + suggested fixes (prototype)", ours_fixed, it)
     rss_single = max_rss_mb()
     steps = profile_ours(paths)
 
     # Agreement, on the same files and on the same decoded audio.
-    diff_stored = diff_mel = diff_wave = diff_fixed = 0.0
+    diff_stored = diff_mel = diff_wave = 0.0
     for i, p in enumerate(paths):
         theirs = np.load(ref_dir / f"{p.stem}.npy")
         diff_stored = max(diff_stored, float(np.abs(store[i].astype(np.float32) - theirs).max()))
-        diff_fixed = max(diff_fixed, float(np.abs(fixed[i].astype(np.float32) - theirs).max()))
         wave = audio.load(p)
         y, _ = librosa.load(p, sr=16000)
         m = min(len(wave), len(y))
@@ -373,7 +343,7 @@ def main() -> None:
 
     print(f"\nsingle process, one thread, {n} clips (page cache warm)")
     print(f"  {'':<44} {'clips/s':>8} {'CPU ms/clip':>11} {'vs decode':>9}")
-    for t in (decode_sf, decode_av, ref, mine, proto):
+    for t in (decode_sf, decode_av, ref, mine):
         print(t.row(decode_sf))
     print("  ours, step by step:")
     for t in steps:
@@ -386,11 +356,10 @@ def main() -> None:
         print(f"  {label:<22} {r['done']:5d} {r['done'] / r['wall']:8.2f} {1000 * r['cpu'] / r['done']:11.1f}   "
               f"{r['rss_parent']:16.0f} / {r['rss_worker']:.0f}")
         if parts == 1:
-            small, extra = runs[workers, 2], r["done"] - runs[workers, 2]["done"]
-            steady[workers] = (extra / (r["wall"] - small["wall"]), 1000 * (r["cpu"] - small["cpu"]) / extra)
-    for workers, (rate, cpu) in steady.items():
-        label = f"{workers} worker{'s' * (workers > 1)}, 2N - N"
-        print(f"  {label:<22} {'':5} {rate:8.2f} {cpu:11.1f}   (steady state: start-up cancels out)")
+            steady[workers] = r["steady_rate"]
+    for workers, rate in steady.items():
+        label = f"{workers} worker{'s' * (workers > 1)}, 2N"
+        print(f"  {label:<22} {'':5} {rate:8.2f} {'':11}   (steady state: after the first quarter of the clips)")
 
     ratio = mine.cpu / decode_sf.cpu
     speedup = ref.cpu / mine.cpu  # per core: single-threaded CPU time, robust to other load on the machine
@@ -402,12 +371,10 @@ def main() -> None:
     print(f"  max |ours - reference|, stored float16      {diff_stored:.2e} (target <= {TARGET_DIFF:g})"
           f"  {'ok' if diff_stored <= TARGET_DIFF else 'MISSED'}")
     print(f"  max |ours - reference|, float32, same audio {diff_mel:.2e}")
-    print(f"  with the suggested fixes: CPU {proto.cpu / decode_sf.cpu:.2f}x decode, {ref.cpu / proto.cpu:.2f}x "
-          f"reference per core, max |diff| {diff_fixed:.2e} stored")
     print(f"  max |our decode - librosa.load|             {diff_wave:.2e}")
     if args.workers > 1:
         print(f"  featurize steady-state scaling 1 -> {args.workers} workers "
-              f"{steady[args.workers][0] / steady[1][0]:6.2f}x")
+              f"{steady[args.workers] / steady[1]:6.2f}x (steady state)")
     print(f"  bytes per track: ours float16 {store_bytes / 1e3:.0f} KB, reference float32 .npy {ref_bytes / 1e3:.0f} KB")
     w = args.workers
     print(f"  featurize peak RSS, N={n} -> 2N={2 * n} clips: parent {runs[w, 2]['rss_parent']:.0f} -> "

@@ -130,3 +130,17 @@ def test_killed_training_resumes_from_the_saved_epoch(pipeline, tmp_path):
     logged = pd.read_csv(run / "logs" / "metrics.csv")
     epochs = sorted(set(logged.dropna(subset=["val_loss"])["epoch"].astype(int)))
     assert epochs[-2:] == [saved_epoch, saved_epoch + 1]  # continued, not restarted
+
+
+def test_model_file_for_other_audio_settings_is_refused(pipeline, tmp_path):
+    import dataclasses
+
+    from genreclf.audio import SignalConfig
+    from genreclf.errors import GenreclfError
+
+    mf = ModelFile.load(pipeline / "gru" / "model.safetensors")
+    other = dataclasses.replace(mf, signal=SignalConfig(sample_rate=22050))
+    path = other.save(tmp_path / "other.safetensors")
+    with pytest.raises(GenreclfError, match="other audio settings"):
+        ModelFile.load(path)
+    assert main(["evaluate", str(path), "--store", str(pipeline / "store")]) == 2
