@@ -107,6 +107,27 @@ def test_bad_model_files_and_arguments(pipeline, tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["featurize", "--data", "x", "--out", "y", "--shard", "3/2"])
+    with pytest.raises(SystemExit):
+        main(["train", "--model", "gru", "--store", "s", "--out", "o", "--workers", "-1"])
+    resume_other = ["train", "--model", "transformer", "--store", str(pipeline / "store"), "--out",
+                    str(pipeline / "gru"), "--resume"]
+    assert main(resume_other) == 2
+    assert "started with model 'gru'" in capsys.readouterr().err
+    assert main(["train", "--model", "gru", "--store", str(pipeline / "store"), "--out", str(tmp_path / "g"),
+                 "--accelerator", "nonsense"]) == 2
+    assert "cannot use --accelerator nonsense" in capsys.readouterr().err
+
+
+def test_every_epoch_is_checkpointed_for_resume(pipeline, tmp_path):
+    # A high learning rate makes validation loss go up and down; last.ckpt must follow every epoch anyway.
+    run = tmp_path / "run"
+    assert main(["-q", "train", "--model", "gru", "--store", str(pipeline / "store"), "--out", str(run),
+                 "--epochs", "3", "--batch-size", "8", "--lr", "5e-2", "--workers", "0"]) == 0
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["epoch"] == 2
+    best = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    logged = pd.read_csv(run / "logs" / "metrics.csv")
+    assert best["epoch"] == int(logged.loc[logged["val_loss"].idxmin(), "epoch"])
 
 
 def test_killed_training_resumes_from_the_saved_epoch(pipeline, tmp_path):

@@ -69,6 +69,12 @@ def test_bad_files_are_recorded_and_the_job_goes_on(corpus, tmp_path):
     # Running again changes nothing and keeps the failures.
     again = featurize(data, tmp_path / "store", workers=1, progress=False)
     assert (again.done, again.failed) == (25, 5)
+    # Restore one file: --retry-failed featurizes it, the others fail again.
+    shutil.copyfile(audio_path(corpus / "fma_large", ids[4]), audio_path(data / "fma_large", ids[4]))
+    retried = featurize(data, tmp_path / "store", workers=1, retry_failed=True, progress=False)
+    assert (retried.done, retried.failed, retried.complete) == (26, 4, True)
+    store = FeatureStore.open(tmp_path / "store")
+    assert int(ids[4]) in set(store.track_ids) and int(ids[4]) not in set(store.failed["track_id"])
 
 
 def test_killed_run_resumes_to_the_same_store(corpus, store_dir, tmp_path):

@@ -198,7 +198,11 @@ def test_reference_split():
     ids = np.arange(2, 2002) * 3
     split = reference_split(ids, seed=0)
     counts = dict(zip(*np.unique(split, return_counts=True)))
-    assert counts == {"test": 400, "validation": 160, "training": 1440}
+    # 2000 tracks: 400 test, 160 validation, 1440 training expected; binomial spread ~ +-3 sd
+    assert abs(counts["test"] - 400) < 54 and abs(counts["validation"] - 160) < 36
+    # A track's part does not depend on which other tracks are split with it.
+    subset = ids[::7]
+    assert np.array_equal(reference_split(subset, seed=0), split[::7])
     assert np.array_equal(split, reference_split(ids, seed=0))
     assert not np.array_equal(split, reference_split(ids, seed=1))
     order = np.random.default_rng(5).permutation(len(ids))

@@ -39,6 +39,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, not {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, not {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -84,6 +94,7 @@ def cmd_featurize(args: argparse.Namespace) -> int:
         shard=args.shard,
         min_seconds=args.min_seconds,
         device=args.device,
+        retry_failed=args.retry_failed,
         progress=not args.quiet,
     )
     rate = result.done / result.seconds if result.seconds else 0.0
@@ -277,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", type=_shard, default=None, metavar="K/N",
                    help="featurize part K of N (0-based) into its own part of the store; under torchrun or "
                    "SLURM the default is RANK/WORLD_SIZE")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="try the tracks listed in failed.csv again (after fixing or restoring their files)")
     p.add_argument("--device", default=None,
                    help="batch the log-mel on this torch device (default: cuda if present, else one clip per "
                    "CPU worker)")
@@ -319,12 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-crop", type=_positive_int, default=256, help="longest random crop, frames (256)")
         p.add_argument("--split", choices=["official", "reference"], default="official",
                        help="FMA's artist-filtered split (default) or the reference's random 80/20")
-        p.add_argument("--early-stopping", type=int, default=0, metavar="EPOCHS",
+        p.add_argument("--early-stopping", type=_count, default=0, metavar="EPOCHS",
                        help="stop after this many epochs without a better validation loss (0: never)")
         p.add_argument("--plateau-patience", type=_positive_int, default=20,
                        help="epochs without improvement before the learning rate is divided by 10 (default 20)")
         p.add_argument("--seed", type=int, default=0, help="random seed (weights, crops, reference split)")
-        p.add_argument("--workers", type=int, default=1, help="data loader processes (default 1)")
+        p.add_argument("--workers", type=_count, default=1, help="data loader processes (default 1; 0: none)")
         p.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu (default auto)")
         p.add_argument("--devices", default="auto", help="Lightning devices, e.g. 4 GPUs for DDP (default auto)")
         p.add_argument("--resume", action="store_true", help="continue OUT from its last checkpoint")
@@ -401,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
         return fatal(str(e))
     except KeyboardInterrupt:
         return fatal("interrupted; run the same command again to resume where it stopped", 130)
+    except OSError as e:  # a folder that cannot be written, a full disk, ...
+        return fatal(f"{e.filename or ''}: {e.strerror or e}; check the path and its permissions and free space")
 
 
 if __name__ == "__main__":

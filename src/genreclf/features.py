@@ -107,6 +107,7 @@ def featurize(
     shard: tuple[int, int] | None = None,
     min_seconds: float = MIN_SECONDS,
     device: str | None = None,
+    retry_failed: bool = False,
     progress: bool = True,
 ) -> FeaturizeResult:
     """Featurize the FMA-layout corpus in `data_dir` into the store `out`; resumes an unfinished run.
@@ -114,7 +115,8 @@ def featurize(
     `data_dir` holds `fma_metadata/` (tracks.csv, genres.csv) and an audio folder such as
     `fma_large/AAA/AAABBB.mp3`. Tracks whose audio is missing or undecodable are recorded
     in failed.csv and the job goes on. `shard=(k, n)` featurizes every n-th track from k
-    into part k of n; the store opens once all parts are finished. With a `device` (default:
+    into part k of n; the store opens once all parts are finished. `retry_failed` tries the
+    tracks recorded as failed again. With a `device` (default:
     "cuda" when a GPU is present) workers only decode and the log-mel is batched on it.
     """
     t0 = time.perf_counter()
@@ -124,7 +126,7 @@ def featurize(
         raise GenreclfError(f"shard {k}/{n_shards} is out of range; use K/N with 0 <= K < N")
     meta_dir = data_dir / "fma_metadata" if (data_dir / "fma_metadata").is_dir() else data_dir
     labels_ = metadata.load_fma(meta_dir, labels=labels, subset=subset)
-    audio_root = Path(audio_dir) if audio_dir else find_audio_dir(data_dir)
+    audio_root = (Path(audio_dir) if audio_dir else find_audio_dir(data_dir)).resolve()
     header = StoreHeader(
         signal=SignalConfig(),
         genres=list(labels_.genres),
@@ -149,6 +151,8 @@ def featurize(
         }
     )
     writer = PartWriter(out / part_name(k, n_shards), plan, labels_.targets[order], N_FRAMES, N_MELS)
+    if retry_failed:
+        writer.retry_failed()
     pending = writer.pending_rows()
     if device is None and torch.cuda.is_available():
         device = "cuda"

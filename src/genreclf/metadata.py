@@ -291,25 +291,33 @@ def reference_split(
 ) -> np.ndarray:
     """Return "training"/"validation"/"test" per track: a seeded random split, like the reference study.
 
-    test_fraction of all tracks is test; validation_fraction of the remaining training part
-    becomes validation. The result depends only on the set of ids and the seed, not their order.
+    Each track's part is drawn from a hash of (seed, track id) alone, so a track lands in the
+    same part whatever other tracks are present: a model trained on one store can never meet
+    its training tracks in the test part of another store. About test_fraction of the tracks
+    are test, and validation_fraction of the rest validation.
     """
     if not (0.0 <= test_fraction < 1.0 and 0.0 <= validation_fraction < 1.0):
         raise GenreclfError(
             f"split fractions must lie in [0, 1): got test {test_fraction}, validation {validation_fraction}"
         )
     track_ids = np.asarray(track_ids, dtype=np.int64)
-    ordered = np.unique(track_ids)
-    if len(ordered) != len(track_ids):
+    if len(np.unique(track_ids)) != len(track_ids):
         raise GenreclfError("reference_split needs distinct track ids; remove the duplicates")
-    n = len(ordered)
-    n_test = int(round(test_fraction * n))
-    n_validation = int(round(validation_fraction * (n - n_test)))
-    by_rank = np.full(n, "training", dtype="<U10")
-    shuffled = np.random.default_rng(seed).permutation(n)
-    by_rank[shuffled[:n_test]] = "test"
-    by_rank[shuffled[n_test : n_test + n_validation]] = "validation"
-    return by_rank[np.searchsorted(ordered, track_ids)]
+    u = _uniform_hash(track_ids, seed)
+    parts = np.full(len(track_ids), "training", dtype="<U10")
+    parts[u < test_fraction + (1.0 - test_fraction) * validation_fraction] = "validation"
+    parts[u < test_fraction] = "test"
+    return parts
+
+
+def _uniform_hash(values: np.ndarray, seed: int) -> np.ndarray:
+    """Return a float in [0, 1) per value, uniform and independent across values (splitmix64)."""
+    with np.errstate(over="ignore"):
+        x = values.astype(np.uint64) + np.uint64(seed % 2**64) * np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) / 2.0**53
 
 
 def audio_path(audio_dir: str | Path, track_id: int) -> Path:

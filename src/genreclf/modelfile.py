@@ -7,6 +7,7 @@ Loading never unpickles, and refuses a file made for other audio settings.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,7 +50,7 @@ class ModelFile:
             "provenance": json.dumps(self.provenance, default=str),
         }
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        tmp = path.with_name(f".{path.name}.tmp")
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         save_file(tensors, str(tmp), metadata=meta)
         tmp.replace(path)
         return path

@@ -126,6 +126,15 @@ class PartWriter:
         """Rows not yet done or failed."""
         return np.flatnonzero(self.state == PENDING)
 
+    def retry_failed(self) -> int:
+        """Mark the failed rows pending again (the part is no longer complete); return how many."""
+        failed = np.flatnonzero(self.state == FAILED)
+        if len(failed):
+            self.state[failed] = PENDING
+            self.state.flush()
+            (self.dir / "part.json").unlink(missing_ok=True)
+        return len(failed)
+
     def write(self, row: int, features: np.ndarray, n_valid: int) -> None:
         """Store the features of `row` and mark it done."""
         self.features[row] = features

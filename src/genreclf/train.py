@@ -24,6 +24,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from genreclf import __version__
 from genreclf.data import CropBatchSampler, EvenCropSampler, loader, split_positions
@@ -140,6 +141,8 @@ def _prepare(store_path: str | Path, run_dir: str | Path, fit: FitConfig, resume
         raise GenreclfError(f"{run_dir}: nothing to resume (no checkpoints/last.ckpt); train without --resume")
     if not resume and (last.exists() or (run_dir / "model.safetensors").exists()):
         raise GenreclfError(f"{run_dir} already holds a run; add --resume to continue it or pick a new --out")
+    if resume:
+        _check_resumable(last, fit, len(store.genres))
     if fit.model not in MODELS:
         raise GenreclfError(f"unknown model {fit.model!r}; use one of {', '.join(MODELS)}")
     if fit.epochs < 1 or fit.batch_size < 1:
@@ -154,6 +157,17 @@ def _prepare(store_path: str | Path, run_dir: str | Path, fit: FitConfig, resume
     return store, run_dir, last if resume else None, sampler, loaders, (len(train_pos), len(val_pos))
 
 
+def _check_resumable(last: Path, fit: FitConfig, n_genres: int) -> None:
+    """Refuse to resume a run with another model or genre vocabulary than it was started with."""
+    hparams = torch.load(last, map_location="cpu", weights_only=False).get("hyper_parameters", {})
+    config = hparams.get("model_config", {})
+    if config.get("kind") != fit.model or config.get("n_genres") != n_genres:
+        raise GenreclfError(
+            f"{last.parent.parent} was started with model {config.get('kind')!r} on {config.get('n_genres')} genres, "
+            f"not {fit.model!r} on {n_genres}; resume with the same --model and --store, or pick a new --out"
+        )
+
+
 def _trainer(run_dir: Path, fit: FitConfig, sampler: CropBatchSampler, progress: bool) -> L.Trainer:
     loggers: list = []
     try:
@@ -163,7 +177,12 @@ def _trainer(run_dir: Path, fit: FitConfig, sampler: CropBatchSampler, progress:
     except ImportError:
         pass
     callbacks: list = [
-        ModelCheckpoint(run_dir / "checkpoints", filename="best", monitor="val_loss", mode="min", save_last=True),
+        # The best epoch by validation loss (checkpoint_callback, exported as model.safetensors) ...
+        ModelCheckpoint(run_dir / "checkpoints", filename="best", monitor="val_loss", mode="min",
+                        enable_version_counter=False),
+        # ... and every epoch's state for --resume (save_last alone only writes when "best" improves).
+        ModelCheckpoint(run_dir / "checkpoints", filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
+                        enable_version_counter=False),
         EpochLog(sampler, fit.epochs, run_dir / "logs" / "metrics.csv"),
     ]
     if fit.early_stopping:
@@ -174,12 +193,16 @@ def _trainer(run_dir: Path, fit: FitConfig, sampler: CropBatchSampler, progress:
     warnings.filterwarnings("ignore", ".*LeafSpec.*")  # Lightning 2.6 vs torch 2.13, not ours
     warnings.filterwarnings("ignore", ".*number of training batches.*smaller than the logging interval.*")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    return L.Trainer(
-        default_root_dir=run_dir, max_epochs=fit.epochs, accelerator=fit.accelerator, devices=fit.devices,
-        logger=loggers or False, callbacks=callbacks, enable_progress_bar=progress, enable_model_summary=False,
-        deterministic=False, num_sanity_val_steps=0, log_every_n_steps=10,
-        use_distributed_sampler=False,  # CropBatchSampler shards batches across DDP ranks itself
-    )
+    try:
+        return L.Trainer(
+            default_root_dir=run_dir, max_epochs=fit.epochs, accelerator=fit.accelerator, devices=fit.devices,
+            logger=loggers or False, callbacks=callbacks, enable_progress_bar=progress, enable_model_summary=False,
+            deterministic=False, num_sanity_val_steps=0, log_every_n_steps=10,
+            use_distributed_sampler=False,  # CropBatchSampler shards batches across DDP ranks itself
+        )
+    except (MisconfigurationException, TypeError, ValueError, RuntimeError) as e:
+        raise GenreclfError(f"cannot use --accelerator {fit.accelerator} --devices {fit.devices}: "
+                            f"{str(e).splitlines()[0]}") from None
 
 
 def _provenance(store: FeatureStore, fit: FitConfig, counts: tuple[int, int], extra: dict) -> dict:
@@ -214,13 +237,16 @@ def train(store_path: str | Path, run_dir: str | Path, fit: FitConfig = FitConfi
     best = TaggerModule.load_from_checkpoint(best_path, map_location="cpu") if best_path else module
     best_val = float(trainer.checkpoint_callback.best_model_score or float("nan"))
     seconds = time.perf_counter() - t0
+    model_path = run_dir / "model.safetensors"
+    if not trainer.is_global_zero:  # under DDP one process writes the run's files
+        return RunResult(run_dir, model_path, params, trainer.current_epoch, best_val, seconds)
     extra = {"parameters": params, "epochs": trainer.current_epoch, "best_val_loss": best_val,
              "train_config": dataclasses.asdict(optim), "train_seconds": seconds}
     model_path = ModelFile(
         model=best.model, config=model_cfg, genres=store.genres, genre_ids=list(store.genre_ids),
         signal=store.signal, genre_top_level=list(store.header.genre_top_level),
         provenance=_provenance(store, fit, counts, extra),
-    ).save(run_dir / "model.safetensors")
+    ).save(model_path)
     atomic_write_text(run_dir / "train.json", json.dumps({"model": fit.model, **extra}, indent=1))
     return RunResult(run_dir, model_path, params, trainer.current_epoch, best_val, seconds)
 
@@ -239,11 +265,14 @@ def pretrain(store_path: str | Path, run_dir: str | Path, fit: FitConfig = FitCo
     best_path = trainer.checkpoint_callback.best_model_path
     best = PretrainModule.load_from_checkpoint(best_path, map_location="cpu") if best_path else module
     out = run_dir / "encoder.safetensors"
-    tmp = out.with_name(".encoder.safetensors.tmp")
+    best_val = float(trainer.checkpoint_callback.best_model_score or float("nan"))
+    if not trainer.is_global_zero:
+        return RunResult(run_dir, out, count_parameters(best.encoder), trainer.current_epoch, best_val,
+                         time.perf_counter() - t0)
+    tmp = out.with_name(f".encoder.safetensors.tmp{os.getpid()}")
     meta = {"format": "genreclf-encoder", "provenance": json.dumps(_provenance(store, fit, counts, {}), default=str)}
     save_file({k: v.contiguous() for k, v in best.encoder_state_dict().items()}, str(tmp), metadata=meta)
     os.replace(tmp, out)
-    best_val = float(trainer.checkpoint_callback.best_model_score or float("nan"))
     return RunResult(run_dir, out, count_parameters(best.encoder), trainer.current_epoch, best_val,
                      time.perf_counter() - t0)
 
