@@ -108,6 +108,18 @@ def test_reusing_a_store_with_other_options_is_refused(corpus, store_dir):
         featurize(corpus, store_dir, labels="genres_all", progress=False)
 
 
+def test_resuming_after_the_labels_changed_is_refused(corpus, tmp_path):
+    data = _copy_corpus(corpus, tmp_path)
+    featurize(data, tmp_path / "store", subset="small", workers=1, progress=False)
+    tracks = data / "fma_metadata" / "tracks.csv"
+    table = pd.read_csv(tracks, index_col=0, header=[0, 1])
+    first = table.index[table[("set", "subset")] == "small"][0]
+    table.loc[first, ("track", "genres")] = "[12, 25]" if table.loc[first, ("track", "genres")] != "[12, 25]" else "[12]"
+    table.to_csv(tracks, lineterminator="\n")
+    with pytest.raises(GenreclfError, match="other labels"):
+        featurize(data, tmp_path / "store", subset="small", progress=False)
+
+
 def test_not_a_store_and_missing_audio_folder(tmp_path, corpus):
     with pytest.raises(GenreclfError, match="not a feature store"):
         FeatureStore.open(tmp_path)

@@ -113,6 +113,11 @@ class PartWriter:
             del feats  # a sparse file: pages are written as rows arrive
             os.replace(part_dir / ".features.npy.tmp", part_dir / "features.npy")
             atomic_write_text(plan_path, plan.to_csv(index=False))
+        elif not np.array_equal(np.load(part_dir / "targets.npy"), targets.astype(np.uint8)):
+            raise GenreclfError(
+                f"{part_dir} was started with other labels (tracks.csv changed since); "
+                "use a new --out folder or delete this one"
+            )
         self.plan = plan
         self.features = np.load(part_dir / "features.npy", mmap_mode="r+")
         if self.features.shape != shape:
