@@ -20,7 +20,8 @@ from genreclf.lightning_modules import TrainConfig
 from genreclf.metadata import audio_path
 from genreclf.predict import Tagger
 from genreclf.report import build_report
-from genreclf.store import FeatureStore, atomic_write_text
+from genreclf.atomic import atomic_write_text
+from genreclf.store import FeatureStore
 from genreclf.synth import make_corpus
 from genreclf.train import FitConfig, train
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from genreclf import __version__
+from genreclf.atomic import atomic_write_text
 from genreclf.errors import GenreclfError
 
 log = logging.getLogger(__name__)
@@ -292,9 +293,7 @@ def _read_marker(path: Path) -> dict:
 
 
 def _write_marker(path: Path, content: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(content) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(content) + "\n")
 
 
 # ---------------------------------------------------------------------------- unzip

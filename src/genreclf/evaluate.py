@@ -21,7 +21,8 @@ from genreclf.errors import GenreclfError
 from genreclf.metrics import tagging_metrics, top_level_accuracy
 from genreclf.modelfile import ModelFile
 from genreclf.predict import CROP_FRAMES, N_CROPS, score_features
-from genreclf.store import FeatureStore, atomic_write_text
+from genreclf.atomic import atomic_write_text
+from genreclf.store import FeatureStore
 
 log = logging.getLogger(__name__)
 

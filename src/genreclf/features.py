@@ -23,7 +23,8 @@ from genreclf import audio, metadata
 from genreclf.audio import N_FRAMES, N_MELS, N_SAMPLES, SignalConfig
 from genreclf.errors import GenreclfError
 from genreclf.mel import log_mel, log_mel_batch, pad_or_trim, valid_frames
-from genreclf.store import FeatureStore, PartWriter, StoreHeader, atomic_write_text, part_name
+from genreclf.atomic import atomic_write_text
+from genreclf.store import FeatureStore, PartWriter, StoreHeader, part_name
 
 __all__ = ["FeatureStore", "FeaturizeResult", "featurize", "featurize_file", "log_mel", "log_mel_batch"]
 

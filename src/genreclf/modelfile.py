@@ -21,6 +21,18 @@ FORMAT = "genreclf-model"
 VERSION = "1"
 
 
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Write tensors and string metadata to a .safetensors file atomically; return its path."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
 @dataclass
 class ModelFile:
     """A trained tagger and what it was trained on."""
@@ -35,10 +47,6 @@ class ModelFile:
 
     def save(self, path: str | Path) -> Path:
         """Write the model file atomically; return its path."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {
             "format": FORMAT,
             "version": VERSION,
@@ -49,11 +57,7 @@ class ModelFile:
             "signal": json.dumps(self.signal.to_dict()),
             "provenance": json.dumps(self.provenance, default=str),
         }
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(path)
-        return path
+        return save_tensors(path, self.model.state_dict(), meta)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "ModelFile":

@@ -36,7 +36,8 @@ from genreclf.metrics import bootstrap_ci, paired_bootstrap_diff, per_genre_metr
 from genreclf.modelfile import ModelFile
 from genreclf.report_figures import learning_curves_figure, metrics_figure, per_genre_figure, pr_figure
 from genreclf.report_markdown import render
-from genreclf.store import FeatureStore, atomic_write_text
+from genreclf.atomic import atomic_write_text
+from genreclf.store import FeatureStore
 from genreclf.train import git_revision
 
 log = logging.getLogger(__name__)

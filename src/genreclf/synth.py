@@ -27,6 +27,7 @@ import scipy.fft
 import soundfile as sf
 from tqdm import tqdm
 
+from genreclf.atomic import atomic_write_text
 from genreclf.errors import GenreclfError
 from genreclf.metadata import Genres, audio_path, load_genres
 
@@ -428,9 +429,7 @@ def make_corpus(
     table, specs = synth_metadata(n_tracks, seconds, seed, genres)
     with resources.as_file(resources.files("genreclf") / "data" / "genres.csv") as packaged:
         shutil.copyfile(packaged, metadata_dir / "genres.csv")
-    tmp = metadata_dir / ".tracks.csv.tmp"
-    table.to_csv(tmp, lineterminator="\n")
-    os.replace(tmp, metadata_dir / "tracks.csv")
+    atomic_write_text(metadata_dir / "tracks.csv", table.to_csv(lineterminator="\n"))
 
     jobs = [(spec, genres, audio_path(audio_dir, spec.track_id), sample_rate, channels) for spec in specs]
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))

@@ -14,7 +14,6 @@ import csv
 import dataclasses
 import json
 import logging
-import os
 import subprocess
 import time
 import warnings
@@ -30,9 +29,10 @@ from genreclf import __version__
 from genreclf.data import CropBatchSampler, EvenCropSampler, loader, split_positions
 from genreclf.errors import GenreclfError
 from genreclf.lightning_modules import PretrainConfig, PretrainModule, TaggerModule, TrainConfig
-from genreclf.modelfile import ModelFile
+from genreclf.modelfile import ModelFile, save_tensors
 from genreclf.models import GRUConfig, TransformerConfig, count_parameters
-from genreclf.store import FeatureStore, atomic_write_text
+from genreclf.atomic import atomic_write_text
+from genreclf.store import FeatureStore
 
 log = logging.getLogger(__name__)
 
@@ -254,8 +254,6 @@ def train(store_path: str | Path, run_dir: str | Path, fit: FitConfig = FitConfi
 def pretrain(store_path: str | Path, run_dir: str | Path, fit: FitConfig = FitConfig(model="transformer"),
              optim: PretrainConfig = PretrainConfig(), resume: bool = False, progress: bool = True) -> RunResult:
     """Masked-frame pretraining of the Transformer encoder; writes RUN/encoder.safetensors."""
-    from safetensors.torch import save_file
-
     t0 = time.perf_counter()
     fit = dataclasses.replace(fit, model="transformer")
     store, run_dir, ckpt, sampler, (train_dl, val_dl), counts = _prepare(store_path, run_dir, fit, resume)
@@ -269,10 +267,8 @@ def pretrain(store_path: str | Path, run_dir: str | Path, fit: FitConfig = FitCo
     if not trainer.is_global_zero:
         return RunResult(run_dir, out, count_parameters(best.encoder), trainer.current_epoch, best_val,
                          time.perf_counter() - t0)
-    tmp = out.with_name(f".encoder.safetensors.tmp{os.getpid()}")
     meta = {"format": "genreclf-encoder", "provenance": json.dumps(_provenance(store, fit, counts, {}), default=str)}
-    save_file({k: v.contiguous() for k, v in best.encoder_state_dict().items()}, str(tmp), metadata=meta)
-    os.replace(tmp, out)
+    save_tensors(out, best.encoder_state_dict(), meta)
     return RunResult(run_dir, out, count_parameters(best.encoder), trainer.current_epoch, best_val,
                      time.perf_counter() - t0)
 
