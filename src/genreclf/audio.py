@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from genreclf.errors import AudioError, GenreclfError
+from genreclf.errors import AudioError, GenreclfError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def load(path: str | Path, sample_rate: int = SAMPLE_RATE, max_seconds: float | 
             audio, rate = _decode_pyav(path, max_seconds)
         except Exception as av_error:
             raise AudioError(
-                f"{path}: cannot decode audio ({_short(sf_error)}; {_short(av_error)}); "
+                f"{path}: cannot decode audio ({first_line(sf_error)}; {first_line(av_error)}); "
                 "the file is corrupt or not audio"
             ) from None
     if audio.size == 0:
@@ -159,11 +159,6 @@ def _decode_pyav(path: Path, max_seconds: float | None) -> tuple[np.ndarray, int
     if not chunks:
         return np.zeros((0, 1), np.float32), rate
     return np.concatenate(chunks, axis=1).T.astype(np.float32, copy=False), rate
-
-
-def _short(error: Exception) -> str:
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return text[:120]
 
 
 def find_audio_files(root: str | Path) -> list[Path]:

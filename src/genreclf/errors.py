@@ -7,3 +7,10 @@ class GenreclfError(Exception):
 
 class AudioError(GenreclfError):
     """An audio file is missing, empty, corrupt or not audio."""
+
+
+def first_line(error: BaseException, limit: int | None = 120) -> str:
+    """Return the first line of an error's message (its type name if empty), cut to `limit` characters."""
+    text = str(error).strip()
+    line = text.splitlines()[0] if text else type(error).__name__
+    return line if limit is None else line[:limit]

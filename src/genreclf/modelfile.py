@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from genreclf.audio import SignalConfig
-from genreclf.errors import GenreclfError
+from genreclf.errors import GenreclfError, first_line
 from genreclf.models import config_from_dict, config_to_dict, model_from_config
 
 FORMAT = "genreclf-model"
@@ -73,7 +73,7 @@ class ModelFile:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError, ValueError) as e:
             raise GenreclfError(
-                f"{path}: not a safetensors model file ({str(e).splitlines()[0][:80]}); "
+                f"{path}: not a safetensors model file ({first_line(e, 80)}); "
                 "give the model.safetensors written by `genreclf train`"
             ) from None
         if meta.get("format") != FORMAT:
@@ -87,7 +87,7 @@ class ModelFile:
         try:
             model.load_state_dict(tensors, strict=True)
         except RuntimeError as e:
-            raise GenreclfError(f"{path}: weights do not fit the stored config ({str(e).splitlines()[0]})") from None
+            raise GenreclfError(f"{path}: weights do not fit the stored config ({first_line(e, None)})") from None
         model.to(device).eval()
         return cls(
             model=model,

@@ -27,7 +27,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from genreclf import __version__
 from genreclf.data import CropBatchSampler, EvenCropSampler, loader, split_positions
-from genreclf.errors import GenreclfError
+from genreclf.errors import GenreclfError, first_line
 from genreclf.lightning_modules import PretrainConfig, PretrainModule, TaggerModule, TrainConfig
 from genreclf.modelfile import ModelFile, save_tensors
 from genreclf.models import GRUConfig, TransformerConfig, count_parameters
@@ -202,7 +202,7 @@ def _trainer(run_dir: Path, fit: FitConfig, sampler: CropBatchSampler, progress:
         )
     except (MisconfigurationException, TypeError, ValueError, RuntimeError) as e:
         raise GenreclfError(f"cannot use --accelerator {fit.accelerator} --devices {fit.devices}: "
-                            f"{str(e).splitlines()[0]}") from None
+                            f"{first_line(e, None)}") from None
 
 
 def _provenance(store: FeatureStore, fit: FitConfig, counts: tuple[int, int], extra: dict) -> dict:
@@ -282,4 +282,4 @@ def _load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
                 raise GenreclfError(f"{path}: not an encoder file from `genreclf pretrain`")
             return {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:
-        raise GenreclfError(f"{path}: cannot read pretrained encoder ({str(e).splitlines()[0][:80]})") from None
+        raise GenreclfError(f"{path}: cannot read pretrained encoder ({first_line(e, 80)})") from None
