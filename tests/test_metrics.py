@@ -146,6 +146,30 @@ def test_bootstrap_of_a_mean_matches_normal_theory() -> None:
     assert high == pytest.approx(point + half, abs=0.15 * half)
 
 
+def test_bca_interval_matches_scipy_on_a_skewed_mean() -> None:
+    from scipy.stats import bootstrap
+
+    rng = np.random.default_rng(11)
+    x = rng.exponential(1.0, size=(150, 1))  # skewed: BCa moves the interval right of the percentile one
+    ours = M.bootstrap_ci(np.zeros_like(x, dtype=int), x, lambda _, s: float(s.mean()), n_boot=4000, seed=1)
+    ref = bootstrap((x[:, 0],), np.mean, n_resamples=4000, method="BCa", random_state=2).confidence_interval
+    width = ref.high - ref.low
+    assert ours[1] == pytest.approx(ref.low, abs=0.06 * width)
+    assert ours[2] == pytest.approx(ref.high, abs=0.06 * width)
+    percentile = bootstrap((x[:, 0],), np.mean, n_resamples=4000, method="percentile", random_state=2)
+    assert ours[1] > percentile.confidence_interval.low and ours[2] > percentile.confidence_interval.high
+
+
+def test_bca_corrects_resamples_that_sit_above_the_estimate() -> None:
+    rng = np.random.default_rng(12)
+    y, s = _random_case(rng, 30, 20, 2)  # few tracks, rare genres: resampled AP lands mostly above the estimate
+    points, stats, jack = M._boot_stats(y, [s], "ap_weighted", 1000, 0)
+    assert np.mean(stats[:, 0] > points[0]) > 0.6
+    point, low, high = M.bootstrap_ci(y, s, "ap_weighted", n_boot=1000, seed=0)
+    assert low < point < high
+    assert high < np.quantile(stats[:, 0], 0.975) and low < np.quantile(stats[:, 0], 0.025)
+
+
 @pytest.mark.parametrize("name", ["ap_macro", "ap_weighted", "ap_micro", "roc_auc_macro"])
 def test_fast_bootstrap_equals_resampling_tracks(name: str) -> None:
     rng = np.random.default_rng(7)

@@ -87,6 +87,7 @@ def test_report_writes_every_figure_and_says_what_it_measured(report, runs):
     for section in ("top-level genre accuracy", "majority-class baseline", "crop averaging", "Paired differences",
                     "Learning curves", "Precision-recall curves"):
         assert section in md
+    assert f"Caution: {ev['n_tracks']} test tracks." in md  # few tracks: averaged per-genre AP is biased upward
 
 
 def test_intervals_and_chance_levels_come_from_metrics(report, runs):

@@ -3,7 +3,7 @@
 `build_report` reads each run's metrics.json and predictions.npz (making them with
 genreclf.evaluate when they are missing, stale, or from another split or store) and writes
 
-    OUT/report.md                 what was measured, metrics with 95% bootstrap intervals and chance
+    OUT/report.md                 what was measured, metrics with 95% BCa bootstrap intervals and chance
                                   levels, paired differences, top-level accuracy, crop averaging,
                                   per-genre table, and the figures below
     OUT/report.json               the same numbers, machine-readable
