@@ -165,3 +165,61 @@ def test_model_file_for_other_audio_settings_is_refused(pipeline, tmp_path):
     with pytest.raises(GenreclfError, match="other audio settings"):
         ModelFile.load(path)
     assert main(["evaluate", str(path), "--store", str(pipeline / "store")]) == 2
+
+
+def _train(pipeline, run, *extra):
+    return main(["-q", "train", "--model", "gru", "--store", str(pipeline / "store"), "--out", str(run),
+                 "--batch-size", "8", "--lr", "1e-3", *extra])
+
+
+def test_resumed_run_equals_an_uninterrupted_one(pipeline, tmp_path):
+    # With a DataLoader worker, batches are prefetched before the epoch's callbacks run: the sampler
+    # must already know the epoch it resumes at, or it replays epoch 0's crops.
+    assert _train(pipeline, tmp_path / "straight", "--epochs", "3", "--workers", "1") == 0
+    assert _train(pipeline, tmp_path / "resumed", "--epochs", "1", "--workers", "1") == 0
+    assert _train(pipeline, tmp_path / "resumed", "--epochs", "3", "--workers", "1", "--resume") == 0
+    a, b = (torch.load(tmp_path / r / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+            for r in ("straight", "resumed"))
+    assert a["epoch"] == b["epoch"] == 2
+    for name, weight in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][name], weight, rtol=0, atol=0)
+    curves = [pd.read_csv(tmp_path / r / "logs" / "metrics.csv") for r in ("straight", "resumed")]
+    np.testing.assert_allclose(curves[0]["train_loss"], curves[1]["train_loss"], rtol=0, atol=0)
+
+
+def test_resume_refuses_other_settings_and_evaluate_uses_the_trained_split(pipeline, tmp_path, capsys):
+    from genreclf.data import split_positions
+    from genreclf.evaluate import evaluate
+
+    run = tmp_path / "ref3"
+    assert _train(pipeline, run, "--epochs", "1", "--workers", "0", "--split", "reference", "--seed", "3") == 0
+    assert _train(pipeline, run, "--epochs", "2", "--workers", "0", "--resume") == 2  # official, seed 0 now
+    err = capsys.readouterr().err
+    assert "split='reference'" in err and "seed=3" in err and err.count("\n") == 1
+    assert _train(pipeline, run, "--epochs", "2", "--workers", "0", "--resume", "--split", "reference",
+                  "--seed", "3", "--pos-weight", "2") == 2
+    assert "pos_weight" in capsys.readouterr().err
+    assert _train(pipeline, run, "--epochs", "2", "--workers", "0", "--resume", "--split", "reference",
+                  "--seed", "3") == 0  # only --epochs changed: fine
+
+    store = FeatureStore.open(pipeline / "store")
+    own = evaluate(run, pipeline / "store", progress=False)  # the split and seed it was trained with
+    assert (own["split"], own["seed"], own["n_seen_in_training"]) == ("reference", 3, 0)
+    other = evaluate(run, pipeline / "store", split="official", progress=False)
+    seen = np.intersect1d(split_positions(store, "test", "official"), split_positions(store, "training",
+                                                                                      "reference", 3))
+    assert other["n_seen_in_training"] == len(seen)
+
+
+def test_damaged_model_metadata_and_bad_waveforms_get_one_line_errors(pipeline, tmp_path):
+    import dataclasses
+
+    from genreclf.errors import GenreclfError
+
+    mf = ModelFile.load(pipeline / "gru" / "model.safetensors")
+    path = dataclasses.replace(mf, genres=mf.genres[:10]).save(tmp_path / "short.safetensors")
+    with pytest.raises(GenreclfError, match="10 genre names and 163 ids"):
+        ModelFile.load(path)
+    tagger = Tagger.load(pipeline / "gru")
+    with pytest.raises(GenreclfError, match="NaN or infinite"):
+        tagger.predict(np.full(16000, np.nan, np.float32))

@@ -329,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--min-crop", type=_positive_int, default=128, help="shortest random crop, frames (128)")
         p.add_argument("--max-crop", type=_positive_int, default=256, help="longest random crop, frames (256)")
         p.add_argument("--split", choices=["official", "reference"], default="official",
-                       help="FMA's artist-filtered split (default) or the reference's random 80/20")
+                       help="FMA's artist-filtered split (default) or a random split like the reference's "
+                            "80/20: 20%% test, 8%% validation, 72%% training")
         p.add_argument("--early-stopping", type=_count, default=0, metavar="EPOCHS",
                        help="stop after this many epochs without a better validation loss (0: never)")
         p.add_argument("--plateau-patience", type=_positive_int, default=20,
@@ -349,11 +350,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", help="model.safetensors (or the run folder holding it)")
     p.add_argument("--store", type=Path, required=True, help="feature store to evaluate on")
-    p.add_argument("--split", choices=["official", "reference"], default="official", help="which split (official)")
+    p.add_argument("--split", choices=["official", "reference"], default=None,
+                   help="which split (default: the one the model was trained on)")
     p.add_argument("--part", choices=["test", "validation", "training"], default="test", help="which part (test)")
     p.add_argument("--crop", type=_positive_int, default=256, help="crop length in frames (default 256)")
     p.add_argument("--crops", type=_positive_int, default=8, help="evenly spaced crops per track (default 8)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the reference split")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the reference split (default: the model's training seed)")
     p.add_argument("--out", type=Path, default=None, help="metrics file (default: beside the model)")
     p.set_defaults(func=cmd_evaluate)
 

@@ -56,10 +56,15 @@ def check_vocabulary(model_file: ModelFile, store: FeatureStore, model_path: Pat
         raise GenreclfError(f"model {model_path} was trained on another genre vocabulary than store {store.path}")
 
 
-def evaluate(model_path: str | Path, store_path: str | Path, split: str = "official", part: str = "test",
-             crop: int = CROP_FRAMES, n_crops: int = N_CROPS, seed: int = 0, out: str | Path | None = None,
+def evaluate(model_path: str | Path, store_path: str | Path, split: str | None = None, part: str = "test",
+             crop: int = CROP_FRAMES, n_crops: int = N_CROPS, seed: int | None = None, out: str | Path | None = None,
              progress: bool = True) -> dict:
-    """Return (and write to `out`, with predictions.npz beside it) the metrics of a model on a split."""
+    """Return (and write to `out`, with predictions.npz beside it) the metrics of a model on a split.
+
+    `split` and `seed` default to those the model was trained with (its provenance). Tracks
+    of the evaluated part that were in the model's own training split are counted in
+    `n_seen_in_training` and warned about: their scores measure memory, not tagging.
+    """
     model_path = Path(model_path)
     if model_path.is_dir():
         model_path = model_path / "model.safetensors"
@@ -67,8 +72,17 @@ def evaluate(model_path: str | Path, store_path: str | Path, split: str = "offic
     model_file = ModelFile.load(model_path, device)
     store = FeatureStore.open(store_path)
     check_vocabulary(model_file, store, model_path)
+    trained_split = model_file.provenance.get("split", "official")
+    trained_seed = int(model_file.provenance.get("fit", {}).get("seed", 0))
+    split = split or trained_split
+    seed = trained_seed if seed is None else seed
     positions = split_positions(store, part, split, seed)
     train_positions = split_positions(store, "training", split, seed)
+    seen = np.intersect1d(positions, _positions_or_none(store, trained_split, trained_seed))
+    if len(seen):
+        log.warning("%d of the %d %s tracks were in the training split of %s (%s split, seed %d): their scores "
+                    "flatter the model; evaluate with the split it was trained on", len(seen), len(positions), part,
+                    model_path, trained_split, trained_seed)
     y_true = store.targets[positions].astype(np.int8)
     prior = store.targets[train_positions].mean(0)  # the prior-only predictor knows the training prevalence
     scores = predict_store(model_file.model, store, positions, crop, n_crops, progress=progress)
@@ -79,7 +93,9 @@ def evaluate(model_path: str | Path, store_path: str | Path, split: str = "offic
         "store": store.describe(),
         "split": split,
         "part": part,
+        "seed": seed,
         "n_tracks": int(len(positions)),
+        "n_seen_in_training": int(len(seen)),
         "n_failed_in_store": int(len(store.failed)),
         "crops": {"length": crop, "count": n_crops},
         "metrics": tagging_metrics(y_true, scores, store.genres, prior),
@@ -93,6 +109,14 @@ def evaluate(model_path: str | Path, store_path: str | Path, split: str = "offic
         np.savez_compressed(out.with_name("predictions.npz"), track_ids=store.track_ids[positions], y_true=y_true,
                             scores=scores, scores_whole=whole, prior=prior, genres=np.array(store.genres))
     return result
+
+
+def _positions_or_none(store: FeatureStore, split: str, seed: int) -> np.ndarray:
+    """The store positions of `split`'s training part, or none when the split has no training tracks here."""
+    try:
+        return split_positions(store, "training", split, seed)
+    except GenreclfError:
+        return np.zeros(0, dtype=np.int64)
 
 
 def _top_level(store: FeatureStore, positions: np.ndarray, scores: np.ndarray, train_positions: np.ndarray) -> dict:

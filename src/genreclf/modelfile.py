@@ -80,9 +80,17 @@ class ModelFile:
             raise GenreclfError(f"{path}: a safetensors file, but not a genreclf model; use one from `genreclf train`")
         if meta.get("version") != VERSION:
             raise GenreclfError(f"{path}: genreclf model format {meta.get('version')}, this genreclf reads {VERSION}")
-        signal = SignalConfig.from_dict(json.loads(meta["signal"]))
+        try:
+            signal = SignalConfig.from_dict(json.loads(meta["signal"]))
+            config = config_from_dict(json.loads(meta["config"]))
+            genres, genre_ids = json.loads(meta["genres"]), json.loads(meta["genre_ids"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise GenreclfError(f"{path}: damaged genreclf model metadata ({type(e).__name__}: {first_line(e, 80)}); "
+                                "use a model.safetensors written by `genreclf train`") from None
         SignalConfig().check_same(signal, f"model {path}")
-        config = config_from_dict(json.loads(meta["config"]))
+        if not len(genres) == len(genre_ids) == config.n_genres:
+            raise GenreclfError(f"{path}: {len(genres)} genre names and {len(genre_ids)} ids for a model of "
+                                f"{config.n_genres} genres; the file is damaged, use one written by `genreclf train`")
         model = model_from_config(config)
         try:
             model.load_state_dict(tensors, strict=True)
@@ -92,8 +100,8 @@ class ModelFile:
         return cls(
             model=model,
             config=config,
-            genres=json.loads(meta["genres"]),
-            genre_ids=json.loads(meta["genre_ids"]),
+            genres=genres,
+            genre_ids=genre_ids,
             signal=signal,
             genre_top_level=json.loads(meta.get("genre_top_level", "[]")),
             provenance=json.loads(meta.get("provenance", "{}")),

@@ -91,6 +91,8 @@ class Tagger:
         if isinstance(source, np.ndarray):
             if source.ndim != 1 or len(source) == 0:
                 raise GenreclfError("a waveform must be a non-empty 1-D array (mono)")
+            if not np.isfinite(source).all():
+                raise GenreclfError("the waveform holds NaN or infinite samples; clean it (np.nan_to_num) first")
             wave, name = audio.resample(source, sample_rate), "<waveform>"
         else:
             wave, name = audio.load(source), str(source)

@@ -4,6 +4,7 @@ A run folder holds everything a run made:
 
     RUN/model.safetensors       the best model by validation loss (never chosen on the test split)
     RUN/train.json              what was trained on what, parameters, epochs, losses, time
+    RUN/settings.json           the settings a resume must repeat (split, seed, crops, optimiser, store)
     RUN/logs/metrics.csv        train_loss, val_loss and lr per epoch (TensorBoard too, if installed)
     RUN/checkpoints/last.ckpt   for `--resume` after an interruption; best.ckpt
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import logging
 import subprocess
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -133,7 +136,8 @@ def git_revision() -> str:
         return "unknown"
 
 
-def _prepare(store_path: str | Path, run_dir: str | Path, fit: FitConfig, resume: bool):
+def _prepare(store_path: str | Path, run_dir: str | Path, fit: FitConfig, optim: TrainConfig | PretrainConfig,
+             resume: bool):
     store = FeatureStore.open(store_path)
     run_dir = Path(run_dir)
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -141,31 +145,62 @@ def _prepare(store_path: str | Path, run_dir: str | Path, fit: FitConfig, resume
         raise GenreclfError(f"{run_dir}: nothing to resume (no checkpoints/last.ckpt); train without --resume")
     if not resume and (last.exists() or (run_dir / "model.safetensors").exists()):
         raise GenreclfError(f"{run_dir} already holds a run; add --resume to continue it or pick a new --out")
-    if resume:
-        _check_resumable(last, fit, len(store.genres))
+    next_epoch = _check_resumable(last, fit, len(store.genres)) if resume else 0
     if fit.model not in MODELS:
         raise GenreclfError(f"unknown model {fit.model!r}; use one of {', '.join(MODELS)}")
     if fit.epochs < 1 or fit.batch_size < 1:
         raise GenreclfError("epochs and batch size must be at least 1")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    _check_settings(run_dir, _settings(store, fit, optim), resume)
     L.seed_everything(fit.seed, workers=True, verbose=False)
     train_pos = split_positions(store, "training", fit.split, fit.seed)
     val_pos = split_positions(store, "validation", fit.split, fit.seed)
     sampler = CropBatchSampler(store.valid_frames, train_pos, fit.batch_size, fit.min_crop, fit.max_crop, fit.seed)
+    sampler.set_epoch(next_epoch)  # before fit: DataLoader workers prefetch before on_train_epoch_start runs
     val_sampler = EvenCropSampler(store.valid_frames, val_pos, fit.batch_size, fit.val_crop)
     loaders = loader(store, sampler, fit.workers), loader(store, val_sampler, fit.workers)
     return store, run_dir, last if resume else None, sampler, loaders, (len(train_pos), len(val_pos))
 
 
-def _check_resumable(last: Path, fit: FitConfig, n_genres: int) -> None:
-    """Refuse to resume a run with another model or genre vocabulary than it was started with."""
-    hparams = torch.load(last, map_location="cpu", weights_only=False).get("hyper_parameters", {})
-    config = hparams.get("model_config", {})
+def _check_resumable(last: Path, fit: FitConfig, n_genres: int) -> int:
+    """Refuse to resume a run with another model or genre vocabulary; return the epoch to resume at."""
+    checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+    config = checkpoint.get("hyper_parameters", {}).get("model_config", {})
     if config.get("kind") != fit.model or config.get("n_genres") != n_genres:
         raise GenreclfError(
             f"{last.parent.parent} was started with model {config.get('kind')!r} on {config.get('n_genres')} genres, "
             f"not {fit.model!r} on {n_genres}; resume with the same --model and --store, or pick a new --out"
         )
+    return int(checkpoint.get("epoch", -1)) + 1  # checkpoints are written at the end of an epoch
+
+
+RESUMABLE = ("epochs", "workers", "early_stopping", "accelerator", "devices")  # may change on --resume
+
+
+def _settings(store: FeatureStore, fit: FitConfig, optim: TrainConfig | PretrainConfig) -> dict:
+    """What defines a run's training: the same on every resume, or its epochs would mix data or objectives."""
+    digest = hashlib.sha1(np.ascontiguousarray(store.track_ids, dtype=np.int64).tobytes())
+    digest.update(np.ascontiguousarray(store.genre_ids, dtype=np.int64).tobytes())
+    settings = {**{k: v for k, v in dataclasses.asdict(fit).items() if k not in RESUMABLE},
+                "optimiser": dataclasses.asdict(optim), "labels": store.header.labels, "subset": store.header.subset,
+                "store_tracks": len(store.track_ids), "store_digest": digest.hexdigest()}
+    return json.loads(json.dumps(settings, default=str))  # as it reads back from settings.json (tuples -> lists)
+
+
+def _check_settings(run_dir: Path, settings: dict, resume: bool) -> None:
+    """Write RUN/settings.json when a run starts; on --resume, refuse settings that differ from it."""
+    path = run_dir / "settings.json"
+    if resume and path.is_file():
+        started = json.loads(path.read_text())
+        changed = [k for k in sorted(set(started) | set(settings)) if started.get(k) != settings.get(k)]
+        if changed:
+            was = ", ".join(f"{k}={started.get(k)!r}" for k in changed if k != "store_digest")
+            now = ", ".join(f"{k}={settings.get(k)!r}" for k in changed if k != "store_digest")
+            what = "another store's tracks" if changed == ["store_digest"] else f"{was} (now {now})"
+            raise GenreclfError(f"{run_dir} was started with {what}; resume with the same settings and store, "
+                                "or pick a new --out")
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(settings, indent=1, default=str))
 
 
 def _trainer(run_dir: Path, fit: FitConfig, sampler: CropBatchSampler, progress: bool) -> L.Trainer:
@@ -192,6 +227,7 @@ def _trainer(run_dir: Path, fit: FitConfig, sampler: CropBatchSampler, progress:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*")  # Lightning 2.6 vs torch 2.13, not ours
     warnings.filterwarnings("ignore", ".*number of training batches.*smaller than the logging interval.*")
+    warnings.filterwarnings("ignore", ".*Checkpoint directory .* exists and is not empty.*")  # --resume writes there
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     try:
         return L.Trainer(
@@ -221,7 +257,7 @@ def train(store_path: str | Path, run_dir: str | Path, fit: FitConfig = FitConfi
     The best epoch by validation loss becomes RUN/model.safetensors.
     """
     t0 = time.perf_counter()
-    store, run_dir, ckpt, sampler, (train_dl, val_dl), counts = _prepare(store_path, run_dir, fit, resume)
+    store, run_dir, ckpt, sampler, (train_dl, val_dl), counts = _prepare(store_path, run_dir, fit, optim, resume)
     model_cfg = MODELS[fit.model](n_genres=len(store.genres))
     module = TaggerModule(model_cfg, optim)
     if fit.pretrained:
@@ -256,7 +292,7 @@ def pretrain(store_path: str | Path, run_dir: str | Path, fit: FitConfig = FitCo
     """Masked-frame pretraining of the Transformer encoder; writes RUN/encoder.safetensors."""
     t0 = time.perf_counter()
     fit = dataclasses.replace(fit, model="transformer")
-    store, run_dir, ckpt, sampler, (train_dl, val_dl), counts = _prepare(store_path, run_dir, fit, resume)
+    store, run_dir, ckpt, sampler, (train_dl, val_dl), counts = _prepare(store_path, run_dir, fit, optim, resume)
     module = PretrainModule(TransformerConfig(n_genres=len(store.genres)), optim)
     trainer = _trainer(run_dir, fit, sampler, progress)
     trainer.fit(module, train_dl, val_dl, ckpt_path=ckpt)
