@@ -75,6 +75,8 @@ def test_bad_files_are_recorded_and_the_job_goes_on(corpus, tmp_path):
     assert (retried.done, retried.failed, retried.complete) == (26, 4, True)
     store = FeatureStore.open(tmp_path / "store")
     assert int(ids[4]) in set(store.track_ids) and int(ids[4]) not in set(store.failed["track_id"])
+    listed = pd.read_csv(tmp_path / "store" / "part-0-of-1" / "failed.csv")  # what the user is pointed to
+    assert sorted(listed["track_id"]) == sorted(int(t) for t in ids[:4])
 
 
 def test_killed_run_resumes_to_the_same_store(corpus, store_dir, tmp_path):
@@ -127,6 +129,43 @@ def test_not_a_store_and_missing_audio_folder(tmp_path, corpus):
     shutil.copytree(corpus / "fma_metadata", meta_only / "fma_metadata")
     with pytest.raises(GenreclfError, match="no audio folder"):
         featurize(meta_only, tmp_path / "s", progress=False)
+
+
+def test_wrong_audio_folder_or_device_stops_before_any_work(corpus, tmp_path):
+    with pytest.raises(GenreclfError, match="no such audio folder"):
+        featurize(corpus, tmp_path / "a", audio_dir=corpus / "fma_lagre", progress=False)
+    with pytest.raises(GenreclfError, match="none of the first 30 audio files exists"):
+        featurize(corpus, tmp_path / "b", audio_dir=corpus / "fma_metadata", progress=False)
+    assert not (tmp_path / "b" / "part-0-of-1" / "part.json").exists()  # no store of 30 failures
+    with pytest.raises(GenreclfError, match="cannot use --device bogus"):
+        featurize(corpus, tmp_path / "c", device="bogus", progress=False)
+
+
+def crash_on_track_3(job):
+    """A featurize worker that dies on one file, as a decoder crashing on a corrupt MP3 would."""
+    from genreclf.features import _work
+
+    if job[1].endswith("003.mp3"):
+        os._exit(1)
+    return _work(job)
+
+
+def test_a_worker_that_dies_fails_its_clip_and_the_job_goes_on(corpus, store_dir):
+    from genreclf.features import _pool_map
+
+    paths = sorted((corpus / "fma_large").rglob("*.mp3"))[:10]
+    assert sum(p.name.endswith("003.mp3") for p in paths) == 1
+    jobs = [(row, str(p), 1.0, False) for row, p in enumerate(paths)]
+    results = {}
+    _pool_map(jobs, 2, lambda r: results.setdefault(r[0], r), work=crash_on_track_3)
+    assert sorted(results) == list(range(10))  # every clip exactly once, none lost with the dead worker
+    crashed = [row for row, (_, array, _, reason) in results.items() if array is None]
+    assert [paths[r].name for r in crashed] == ["000003.mp3"]
+    assert "decoder crashed" in results[crashed[0]][3]
+    store = FeatureStore.open(store_dir)
+    for row, (_, array, n_valid, _) in results.items():
+        if array is not None:
+            np.testing.assert_array_equal(array, store.features(int(paths[row].stem)))
 
 
 def test_subset_and_genres_all(corpus, tmp_path):

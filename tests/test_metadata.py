@@ -194,6 +194,21 @@ def test_malformed_genres_csv(fma_dir: Path):
         load_fma(fma_dir)
 
 
+@pytest.mark.parametrize("old, new, column", [("1,8693,38,Avant-Garde,38", "1,8693,,Avant-Garde,38", "parent"),
+                                                ("1,8693,38,Avant-Garde,38", "1.7,8693,38,Avant-Garde,38", "genre_id")])
+def test_genres_csv_with_blank_or_fractional_ids(fma_dir: Path, old: str, new: str, column: str):
+    edit(fma_dir / "genres.csv", old, new)
+    with pytest.raises(GenreclfError, match=f"line 2 has {column} .*expected an integer"):
+        load_fma(fma_dir)
+
+
+def test_a_track_listed_twice_is_refused(fma_dir: Path):
+    lines = (fma_dir / "tracks.csv").read_text(encoding="utf-8").splitlines(keepends=True)
+    (fma_dir / "tracks.csv").write_text("".join(lines + [lines[3]]), encoding="utf-8")  # track 2 again, at the end
+    with pytest.raises(GenreclfError, match="track 2 is listed 2 times"):
+        load_fma(fma_dir)
+
+
 def test_reference_split():
     ids = np.arange(2, 2002) * 3
     split = reference_split(ids, seed=0)

@@ -11,6 +11,9 @@ import logging
 import multiprocessing as mp
 import os
 import time
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +33,9 @@ __all__ = ["FeatureStore", "FeaturizeResult", "featurize", "featurize_file", "lo
 
 log = logging.getLogger(__name__)
 
-AUDIO_FOLDERS = ("fma_full", "fma_large", "fma_medium", "fma_small")  # FMA's archive folder names
+# FMA's archive folder names, in order of preference: the 30-s clips of the reference recipe
+# (large holds medium holds small), then fma_full's untrimmed tracks (their first 30 s).
+AUDIO_FOLDERS = ("fma_large", "fma_medium", "fma_small", "fma_full")
 MIN_SECONDS = 1.0  # shorter clips are recorded as failed: too little audio to tag
 
 
@@ -67,6 +72,34 @@ def shard_from_env() -> tuple[int, int]:
         if rank in os.environ and world in os.environ:
             return int(os.environ[rank]), int(os.environ[world])
     return 0, 1
+
+
+def default_workers() -> int:
+    """One worker process per usable core, shared among the ranks on this machine under torchrun."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def _check_device(device: str | None) -> str | None:
+    """Return the torch device for batched log-mel (None: log-mel in the workers), or a one-line error."""
+    if device is None:
+        if not torch.cuda.is_available():
+            return None
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"  # one GPU per rank under torchrun
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError, ValueError) as e:
+        raise GenreclfError(f"cannot use --device {device}: {str(e).splitlines()[0]}; "
+                            "use cpu, cuda or cuda:N for a GPU this machine has") from None
+    return device
+
+
+def _check_paths(jobs: list[tuple[int, str, float, bool]], audio_root: Path, sample: int = 100) -> None:
+    """Refuse to start when none of the first `sample` planned audio files exists: a wrong --audio or --data."""
+    head = jobs[:sample]
+    if head and not any(Path(path).is_file() for _, path, _, _ in head):
+        raise GenreclfError(f"none of the first {len(head)} audio files exists under {audio_root} "
+                            f"(e.g. {head[0][1]}); check --data / --audio")
 
 
 def find_audio_dir(data_dir: Path) -> Path:
@@ -128,6 +161,9 @@ def featurize(
     meta_dir = data_dir / "fma_metadata" if (data_dir / "fma_metadata").is_dir() else data_dir
     labels_ = metadata.load_fma(meta_dir, labels=labels, subset=subset)
     audio_root = (Path(audio_dir) if audio_dir else find_audio_dir(data_dir)).resolve()
+    if not audio_root.is_dir():
+        raise GenreclfError(f"{audio_root}: no such audio folder; give --audio the folder that holds AAA/AAABBB.mp3")
+    device = _check_device(device)
     header = StoreHeader(
         signal=SignalConfig(),
         genres=list(labels_.genres),
@@ -155,10 +191,10 @@ def featurize(
     if retry_failed:
         writer.retry_failed()
     pending = writer.pending_rows()
-    if device is None and torch.cuda.is_available():
-        device = "cuda"
     jobs = [(int(r), plan.at[int(r), "path"], min_seconds, device is not None) for r in pending]
-    n_workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
+    if not (writer.state > 0).any():  # nothing featurized yet: a wrong folder would fail every track
+        _check_paths(jobs, audio_root)
+    n_workers = max(1, min(workers or default_workers(), len(jobs) or 1))
     log.info("featurizing %d of %d tracks into %s with %d worker(s)%s", len(jobs), len(plan), out, n_workers,
              f", log-mel batched on {device}" if device else "")
     bar = tqdm(total=len(plan), initial=len(plan) - len(jobs), unit="clip", desc="featurize",
@@ -190,6 +226,67 @@ def _write_header(out: Path, header: StoreHeader) -> None:
             )
         return
     atomic_write_text(path, header.to_json())
+
+
+def _pool_map(jobs: list[tuple], n_workers: int, record, work=None) -> None:
+    """Run `work` (default: _work) on every job in `n_workers` processes and pass each result to `record`, in any order.
+
+    At most IN_FLIGHT_PER_WORKER jobs per worker are queued, so decoded clips never pile up.
+    A worker that dies (a decoder crashing on a corrupt file, the out-of-memory killer)
+    breaks the pool: the jobs it may have held are then run one by one in fresh processes,
+    the one that kills its process again is recorded as failed, and the job goes on.
+    """
+    work = work or _work
+    queue = deque(jobs)
+    while queue:
+        suspects, alone = _pool_until_broken(queue, n_workers, record, work), None
+        for job in suspects:
+            alone = alone or _executor(1)
+            try:
+                result = alone.submit(work, job).result()
+            except BrokenProcessPool:
+                alone.shutdown(wait=False)
+                alone, result = None, (job[0], None, 0, f"{job[1]}: the decoder crashed (its process died); "
+                                                        "the file is probably corrupt")
+            record(result)
+        if alone is not None:
+            alone.shutdown()
+
+
+def _executor(n_workers: int) -> ProcessPoolExecutor:
+    # spawn: fork after torch/OpenMP start-up can deadlock
+    return ProcessPoolExecutor(n_workers, mp_context=mp.get_context("spawn"), initializer=_worker_init)
+
+
+IN_FLIGHT_PER_WORKER = 4
+
+
+def _pool_until_broken(queue: deque, n_workers: int, record, work) -> list:
+    """Work through `queue`; if the pool breaks, return the jobs that were in flight (else [])."""
+    in_flight: dict = {}
+    pool = _executor(n_workers)
+    try:
+        while queue or in_flight:
+            while queue and len(in_flight) < IN_FLIGHT_PER_WORKER * n_workers:
+                job = queue.popleft()
+                in_flight[pool.submit(work, job)] = job
+            done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            broken = []
+            for future in done:
+                job = in_flight.pop(future)
+                try:
+                    result = future.result()
+                except BrokenProcessPool:
+                    broken.append(job)
+                    continue
+                record(result)
+            if broken:
+                log.warning("a featurize worker died; re-running its %d clip(s) one by one",
+                            len(broken) + len(in_flight))
+                return broken + list(in_flight.values())
+        return []
+    finally:
+        pool.shutdown(wait=not in_flight, cancel_futures=True)
 
 
 def _run(jobs: list[tuple[int, str, float, bool]], writer: PartWriter, bar: tqdm, n_workers: int,
@@ -224,13 +321,6 @@ def _run(jobs: list[tuple[int, str, float, bool]], writer: PartWriter, bar: tqdm
             writer.flush()
             last_flush = time.monotonic()
 
-    if n_workers == 1:
-        for job in jobs:
-            record(_work(job))
-    else:
-        ctx = mp.get_context("spawn")  # fork after torch/OpenMP start-up can deadlock
-        with ctx.Pool(n_workers, initializer=_worker_init) as pool:
-            for result in pool.imap_unordered(_work, jobs, chunksize=4):
-                record(result)
+    _pool_map(jobs, n_workers, record)
     if waves:
         flush_batch()

@@ -138,15 +138,23 @@ def _read_genres(path: Path) -> Genres:
         what = f"no column(s) {', '.join(missing)}" if missing else "no genres"
         header = ",".join(GENRE_COLUMNS)
         raise GenreclfError(f"{path} has {what}: expected FMA's genres.csv with columns {header}")
-    try:
-        ids, parents, top = (table[c].to_numpy(dtype=np.int64) for c in ("genre_id", "parent", "top_level"))
-    except (ValueError, TypeError):
-        raise GenreclfError(f"{path} has non-integer genre ids: expected FMA's genres.csv") from None
+    ids, parents, top = (_genre_ints(table, c, path) for c in ("genre_id", "parent", "top_level"))
     if len(np.unique(ids)) != len(ids):
         raise GenreclfError(f"{path} lists a genre id twice: expected FMA's genres.csv")
     order = np.argsort(ids, kind="stable")
     names = table["title"].fillna("").astype(str).to_numpy()[order].tolist()
     return Genres(ids[order], names, parents[order], top[order])
+
+
+def _genre_ints(table: pd.DataFrame, column: str, path: Path) -> np.ndarray:
+    """Parse a genres.csv column of integers ("2" or "2.0"); blank or fractional cells are an error."""
+    numbers = pd.to_numeric(table[column].astype(str).str.strip(), errors="coerce").to_numpy(dtype=np.float64)
+    bad = ~(numbers == np.floor(numbers))  # also catches NaN: blank or not a number
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise GenreclfError(f"{path}: line {row + 2} has {column} {str(table[column].iloc[row])!r}, expected an "
+                            "integer; is this FMA's genres.csv?")
+    return numbers.astype(np.int64)
 
 
 def load_fma(
@@ -179,6 +187,10 @@ def load_fma(
 
     table = _read_tracks(tracks_csv)
     track_ids = _int_column(table.index.to_numpy(), tracks_csv, "track_id", table.index.to_numpy())
+    unique, counts = np.unique(track_ids, return_counts=True)
+    if (counts > 1).any():
+        raise GenreclfError(f"{tracks_csv}: track {unique[np.argmax(counts > 1)]} is listed "
+                            f"{counts.max()} times; each track must appear once (is the file concatenated?)")
     split = table[("set", "split")].to_numpy(dtype=str)
     subsets = table[("set", "subset")].to_numpy(dtype=str)
     for column, values, allowed in (("split", split, SPLITS), ("subset", subsets, SUBSETS)):

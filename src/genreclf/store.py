@@ -73,6 +73,27 @@ class StoreHeader:
         return cls(signal=SignalConfig.from_dict(d["signal"]), **fields)
 
 
+def _create_features(path: Path, shape: tuple[int, int, int]) -> None:
+    """Create an all-zero float16 .npy of `shape` with its disk space reserved.
+
+    Writing rows into a memory map of a sparse file on a full disk kills the process with
+    SIGBUS; reserving the space here turns that into an OSError before any work is done.
+    """
+    features = np.lib.format.open_memmap(path, "w+", np.float16, shape)
+    size = features.offset + features.nbytes
+    del features
+    if hasattr(os, "posix_fallocate"):
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as e:
+            path.unlink(missing_ok=True)
+            raise GenreclfError(f"{path.parent}: cannot reserve {size / 1e9:.2f} GB for the features "
+                                f"({e.strerror}); free some disk space or use another --out") from None
+        finally:
+            os.close(fd)
+
+
 class PartWriter:
     """Writes one part of a store, resuming where an earlier run stopped."""
 
@@ -93,8 +114,7 @@ class PartWriter:
         if not (part_dir / "features.npy").exists() or not plan_path.exists():
             atomic_save_npy(part_dir / "targets.npy", targets.astype(np.uint8))
             atomic_save_npy(part_dir / "state.npy", np.zeros(len(plan), np.int32))
-            feats = np.lib.format.open_memmap(part_dir / ".features.npy.tmp", "w+", np.float16, shape)
-            del feats  # a sparse file: pages are written as rows arrive
+            _create_features(part_dir / ".features.npy.tmp", shape)
             os.replace(part_dir / ".features.npy.tmp", part_dir / "features.npy")
             atomic_write_text(plan_path, plan.to_csv(index=False))
         elif not np.array_equal(np.load(part_dir / "targets.npy"), targets.astype(np.uint8)):
@@ -142,9 +162,17 @@ class PartWriter:
         self.state.flush()
 
     def finish(self) -> dict:
-        """Mark the part complete (part.json) once no row is pending; return its counts."""
+        """Mark the part complete (part.json) once no row is pending; return its counts.
+
+        failed.csv is rewritten to list only the tracks that are failed now, each with
+        its latest reason (a retried track that worked is no longer listed).
+        """
         self.flush()
         self._failed.close()
+        failed = pd.read_csv(self.dir / "failed.csv", dtype={"path": str, "reason": str}, keep_default_na=False)
+        now = set(self.plan.track_id.to_numpy()[self.state[:] == FAILED].tolist())
+        failed = failed[failed.track_id.isin(now)].drop_duplicates("track_id", keep="last")
+        atomic_write_text(self.dir / "failed.csv", failed.to_csv(index=False))
         counts = {"tracks": len(self.plan), "done": int((self.state > 0).sum()), "failed": int((self.state < 0).sum())}
         if counts["done"] + counts["failed"] == counts["tracks"]:
             atomic_write_text(self.dir / "part.json", json.dumps(counts))
