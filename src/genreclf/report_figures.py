@@ -56,7 +56,7 @@ def metrics_figure(summaries: list[dict], path: Path) -> Path:
     axes[0].set_yticks(y, labels)
     axes[0].set_ylim(len(summaries) - 0.5, -0.5)
     axes[0].legend(loc="lower right", fontsize="small")
-    fig.suptitle("Test metrics with 95% bootstrap intervals (grey: prior-only chance)")
+    fig.suptitle("Test metrics with 95% BCa bootstrap intervals (grey: prior-only chance)")
     return _save(fig, path)
 
 
