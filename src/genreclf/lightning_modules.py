@@ -36,8 +36,8 @@ class TrainConfig:
 
     lr: float = 1e-5  # Adam learning rate
     beta1: float = 0.9  # Adam beta_1
-    beta2: float = 0.98  # Adam beta_2 (TF transformer tutorial value, used for both models)
-    eps: float = 1e-9  # Adam epsilon
+    beta2: float = 0.999  # Adam beta_2: Keras' default, as the reference's Adam(1e-5)
+    eps: float = 1e-7  # Adam epsilon: Keras' default
     weight_decay: float = 0.0  # L2 penalty added by Adam (the reference uses none)
     pos_weight: float = 4.0  # BCE weight of positive labels, the same for every genre
     plateau_factor: float = 0.1  # ReduceLROnPlateau: multiply lr by this (Keras default)
@@ -56,10 +56,10 @@ class PretrainConfig:
 
     mask_ratio: float = 0.15  # target fraction of real frames to mask (BERT's rate)
     mask_span: int = 8  # frames per masked span (~0.26 s); 1 masks single frames
-    lr: float = 1e-4  # Adam learning rate (ours; the reference's is not published)
+    lr: float = 1e-4  # Adam learning rate (the reference's transformer_pretrain)
     beta1: float = 0.9  # Adam beta_1
-    beta2: float = 0.98  # Adam beta_2
-    eps: float = 1e-9  # Adam epsilon
+    beta2: float = 0.999  # Adam beta_2: Keras' default, as the reference's Adam(1e-4) for pretraining
+    eps: float = 1e-7  # Adam epsilon: Keras' default
     weight_decay: float = 0.0  # L2 penalty added by Adam
     plateau_factor: float = 0.1  # ReduceLROnPlateau: multiply lr by this
     plateau_patience: int = 20  # ReduceLROnPlateau: epochs without val_loss improvement
@@ -84,11 +84,15 @@ def _check_optim(cfg: TrainConfig | PretrainConfig) -> None:
 
 
 def weighted_bce(logits: Tensor, targets: Tensor, pos_weight: float) -> Tensor:
-    """Return BCE-with-logits averaged over all (clip, genre) pairs, positives weighted by pos_weight."""
+    """Return BCE-with-logits summed over genres and averaged over clips, positives weighted by pos_weight.
+
+    The reference's loss: K.sum(-(4 y log p + (1 - y) log(1 - p)), axis=-1), averaged over the batch.
+    """
     pw = torch.full(
         (logits.shape[-1],), float(pos_weight), dtype=logits.dtype, device=logits.device
     )
-    return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype), pos_weight=pw)
+    per_pair = F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype), pos_weight=pw, reduction="none")
+    return per_pair.sum(-1).mean()
 
 
 def span_mask(

@@ -35,11 +35,13 @@ class GRUConfig:
     hidden: int = 128  # GRU units per direction
     n_layers: int = 2  # stacked bidirectional GRU layers
     dropout: float = 0.0  # between stacked GRU layers; the reference uses none
+    pool_dropout: float = 0.2  # on the frame features before pooling, as the reference's Dropout(0.2)
     head_factor: int = 4  # hidden width of the tagging head, in multiples of n_genres
 
     def __post_init__(self) -> None:
         _check_positive(self, "n_mels", "n_genres", "hidden", "n_layers", "head_factor")
         _check_rate(self, "dropout")
+        _check_rate(self, "pool_dropout")
 
 
 @dataclass(frozen=True)
@@ -55,11 +57,13 @@ class TransformerConfig:
     d_ff: int = 256  # width of the feed-forward block
     dropout: float = 0.3  # on the input and on both residual branches (TF tutorial style)
     ln_eps: float = 1e-6  # LayerNorm epsilon, as in the TF tutorial
+    pool_dropout: float = 0.2  # on the frame features before pooling, as the reference's Dropout(0.2)
     head_factor: int = 4  # hidden width of the tagging head, in multiples of n_genres
 
     def __post_init__(self) -> None:
         _check_positive(self, "n_mels", "n_genres", "n_layers", "n_heads", "d_ff", "head_factor")
         _check_rate(self, "dropout")
+        _check_rate(self, "pool_dropout")
         if self.n_mels % self.n_heads:
             raise GenreclfError(
                 f"TransformerConfig: n_heads={self.n_heads} must divide n_mels={self.n_mels}"
@@ -232,6 +236,7 @@ class GRUTagger(nn.Module):
             bidirectional=True,
             dropout=cfg.dropout if cfg.n_layers > 1 else 0.0,
         )
+        self.pool_drop = nn.Dropout(cfg.pool_dropout)
         self.head = TaggingHead(2 * cfg.hidden, cfg.n_genres, cfg.head_factor)
         init_keras_style(self)
 
@@ -240,14 +245,14 @@ class GRUTagger(nn.Module):
         b, t, _ = x.shape
         if lengths is None or bool((lengths >= t).all()):
             h, _ = self.gru(x)
-            return self.head(h.mean(1))
+            return self.head(self.pool_drop(h).mean(1))
         # Packing keeps the backward direction from starting in the padding.
         lengths_cpu = lengths.detach().to("cpu", torch.int64)
         if lengths_cpu.min() < 1:
             raise ValueError(f"lengths must be >= 1, got {lengths_cpu.tolist()}")
         packed = pack_padded_sequence(x, lengths_cpu, batch_first=True, enforce_sorted=False)
         h, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=t)
-        return self.head(masked_mean(h, frame_mask(lengths, b, t, x.device)))
+        return self.head(masked_mean(self.pool_drop(h), frame_mask(lengths, b, t, x.device)))
 
 
 class TransformerTagger(nn.Module):
@@ -257,6 +262,7 @@ class TransformerTagger(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = TransformerEncoder(cfg)
+        self.pool_drop = nn.Dropout(cfg.pool_dropout)
         self.head = TaggingHead(cfg.n_mels, cfg.n_genres, cfg.head_factor)
         init_keras_style(self)
 
@@ -266,7 +272,7 @@ class TransformerTagger(nn.Module):
 
     def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
         """Return logits (batch, n_genres) for x (batch, frames, n_mels), 1 <= lengths <= frames."""
-        h = self.encode(x, lengths)
+        h = self.pool_drop(self.encode(x, lengths))
         b, t, _ = x.shape
         return self.head(masked_mean(h, frame_mask(lengths, b, t, x.device)))
 

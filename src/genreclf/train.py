@@ -74,7 +74,7 @@ class RunResult:
 
 
 class EpochLog(Callback):
-    """Seeds each epoch's crops, appends one row per epoch to RUN/logs/metrics.csv, and logs the run's ETA.
+    """Seeds each epoch (crops, dropout), appends one row per epoch to RUN/logs/metrics.csv, logs the ETA.
 
     Our own log rather than Lightning's CSVLogger, which deletes the file of an interrupted
     run when it is resumed: here the learning curve survives any number of resumes.
@@ -82,8 +82,8 @@ class EpochLog(Callback):
 
     COLUMNS = ("epoch", "train_loss", "val_loss", "lr", "epoch_seconds")
 
-    def __init__(self, sampler: CropBatchSampler, max_epochs: int, path: Path):
-        self.sampler, self.max_epochs, self.path = sampler, max_epochs, path
+    def __init__(self, sampler: CropBatchSampler, max_epochs: int, path: Path, seed: int = 0):
+        self.sampler, self.max_epochs, self.path, self.seed = sampler, max_epochs, path, seed
         self.t0 = self.t_epoch = time.monotonic()
         self.first_epoch = 0
 
@@ -98,7 +98,9 @@ class EpochLog(Callback):
         atomic_write_text(self.path, "\n".join(lines) + "\n")
 
     def on_train_epoch_start(self, trainer, module) -> None:
-        self.sampler.set_epoch(trainer.current_epoch)  # resumed runs draw the same crops
+        self.sampler.set_epoch(trainer.current_epoch)  # resumed runs draw the same crops ...
+        # ... and the same dropout and pretraining masks: Lightning does not restore torch's RNG.
+        torch.manual_seed(hash((self.seed, trainer.current_epoch, trainer.global_rank)) % 2**63)
         self.t_epoch = time.monotonic()
 
     def on_train_epoch_end(self, trainer, module) -> None:
@@ -218,7 +220,7 @@ def _trainer(run_dir: Path, fit: FitConfig, sampler: CropBatchSampler, progress:
         # ... and every epoch's state for --resume (save_last alone only writes when "best" improves).
         ModelCheckpoint(run_dir / "checkpoints", filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
                         enable_version_counter=False),
-        EpochLog(sampler, fit.epochs, run_dir / "logs" / "metrics.csv"),
+        EpochLog(sampler, fit.epochs, run_dir / "logs" / "metrics.csv", fit.seed),
     ]
     if fit.early_stopping:
         callbacks.append(EarlyStopping("val_loss", patience=fit.early_stopping, mode="min"))
