@@ -199,6 +199,16 @@ def test_shards_in_two_processes_equal_a_plain_run(corpus, store_dir, tmp_path):
         np.testing.assert_array_equal(sharded.item(i), plain.item(i))
 
 
+def test_shards_may_read_the_corpus_from_different_mounts(corpus, store_dir, tmp_path):
+    elsewhere = _copy_corpus(corpus, tmp_path / "other_machine")  # the same corpus under another path
+    out = tmp_path / "sharded"
+    featurize(corpus, out, shard=(0, 2), workers=1, progress=False)
+    assert featurize(elsewhere, out, shard=(1, 2), workers=1, progress=False).complete
+    sharded, plain = FeatureStore.open(out), FeatureStore.open(store_dir)
+    np.testing.assert_array_equal(sharded.track_ids, plain.track_ids)
+    np.testing.assert_array_equal(sharded.item(len(plain) - 1), plain.item(len(plain) - 1))
+
+
 def test_one_shard_alone_is_not_a_readable_store(corpus, tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "3")  # as under torchrun

@@ -7,6 +7,7 @@ on a CPU is slower per clip); the parent process only writes rows to the store.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing as mp
 import os
@@ -219,7 +220,8 @@ def _write_header(out: Path, header: StoreHeader) -> None:
     path = out / "store.json"
     if path.exists():
         old = StoreHeader.read(out)
-        if old != header:
+        # The corpus folder may be mounted elsewhere on another machine of a sharded run: not compared.
+        if dataclasses.replace(old, source=header.source) != header:
             raise GenreclfError(
                 f"{out} holds a store made with other options (labels, subset, shards or corpus); "
                 "use a new --out folder or delete it"
