@@ -137,7 +137,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     result = pretrain(args.store, args.out, _fit_config(args, "transformer"), optim, resume=args.resume,
                       progress=not args.quiet)
     print(f"pretrained the transformer encoder ({result.parameters:,} parameters) for {result.epochs} epochs, "
-          f"best masked-frame val MSE {result.best_val_loss:.4f}; encoder written to {result.model_path} "
+          f"best masked-frame val MAE {result.best_val_loss:.4f}; encoder written to {result.model_path} "
           f"(use it with `genreclf train --model transformer --pretrained {result.model_path}`)")
     return 0
 

@@ -234,8 +234,8 @@ class PretrainModule(L.LightningModule):
     """Masked-frame pretraining of a TransformerTagger's encoder.
 
     Random spans of real frames are replaced by a learned mask vector; the encoder
-    and a FrameReconstructionHead predict the original frames; the loss is the MSE
-    over masked real frames only. `encoder_state_dict()` gives weights for
+    and a FrameReconstructionHead predict the original frames; the loss is the mean
+    absolute error (the reference's) over masked real frames only. `encoder_state_dict()` gives weights for
     `TransformerTagger.load_encoder_state_dict`.
     """
 
@@ -269,7 +269,7 @@ class PretrainModule(L.LightningModule):
     def masked_loss(
         self, x: Tensor, lengths: Tensor | None, generator: torch.Generator | None = None
     ) -> Tensor:
-        """Return the MSE between reconstructed and original frames over masked real frames."""
+        """Return the mean absolute error (the reference's pretraining loss) over masked real frames."""
         b, t, _ = x.shape
         if lengths is None:
             lengths = torch.full((b,), t, dtype=torch.int64, device=x.device)
@@ -277,16 +277,16 @@ class PretrainModule(L.LightningModule):
         mask = span_mask(lengths, t, cfg.mask_ratio, cfg.mask_span, generator)  # real frames only
         x_in = torch.where(mask.unsqueeze(-1), self.mask_vector.to(x.dtype), x)
         pred = self.recon(self.encoder(x_in, lengths))
-        return F.mse_loss(pred[mask], x[mask])
+        return F.l1_loss(pred[mask], x[mask])
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        """Return the masked-frame MSE of one batch."""
+        """Return the masked-frame mean absolute error of one batch."""
         loss = self.masked_loss(batch["x"], batch.get("lengths"))
         _log_epoch(self, "train_loss", loss, batch)
         return loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        """Log the masked-frame MSE of one validation batch."""
+        """Log the masked-frame mean absolute error of one validation batch."""
         # The same masks every epoch, so that val_loss moves only when the model does.
         gen = torch.Generator(device=batch["x"].device).manual_seed(batch_idx)
         loss = self.masked_loss(batch["x"], batch.get("lengths"), gen)
