@@ -172,12 +172,14 @@ def _train(pipeline, run, *extra):
                  "--batch-size", "8", "--lr", "1e-3", *extra])
 
 
-def test_resumed_run_equals_an_uninterrupted_one(pipeline, tmp_path):
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_resumed_run_equals_an_uninterrupted_one(pipeline, tmp_path, workers):
     # With a DataLoader worker, batches are prefetched before the epoch's callbacks run: the sampler
-    # must already know the epoch it resumes at, or it replays epoch 0's crops.
-    assert _train(pipeline, tmp_path / "straight", "--epochs", "3", "--workers", "1") == 0
-    assert _train(pipeline, tmp_path / "resumed", "--epochs", "1", "--workers", "1") == 0
-    assert _train(pipeline, tmp_path / "resumed", "--epochs", "3", "--workers", "1", "--resume") == 0
+    # must already know the epoch it resumes at, or it replays epoch 0's crops. Dropout must also
+    # draw the same masks (Lightning does not restore torch's RNG).
+    assert _train(pipeline, tmp_path / "straight", "--epochs", "3", "--workers", workers) == 0
+    assert _train(pipeline, tmp_path / "resumed", "--epochs", "1", "--workers", workers) == 0
+    assert _train(pipeline, tmp_path / "resumed", "--epochs", "3", "--workers", workers, "--resume") == 0
     a, b = (torch.load(tmp_path / r / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
             for r in ("straight", "resumed"))
     assert a["epoch"] == b["epoch"] == 2
@@ -201,6 +203,11 @@ def test_resume_refuses_other_settings_and_evaluate_uses_the_trained_split(pipel
     assert "pos_weight" in capsys.readouterr().err
     assert _train(pipeline, run, "--epochs", "2", "--workers", "0", "--resume", "--split", "reference",
                   "--seed", "3") == 0  # only --epochs changed: fine
+    (run / "settings.json").rename(run / "old_settings.json")  # as a run started by an older genreclf
+    assert _train(pipeline, run, "--epochs", "3", "--workers", "0", "--resume", "--split", "reference",
+                  "--seed", "3") == 2
+    assert "older genreclf" in capsys.readouterr().err
+    (run / "old_settings.json").rename(run / "settings.json")
 
     store = FeatureStore.open(pipeline / "store")
     own = evaluate(run, pipeline / "store", progress=False)  # the split and seed it was trained with

@@ -150,6 +150,21 @@ def crash_on_track_3(job):
     return _work(job)
 
 
+def always_die(job):
+    """A featurize worker that never finishes a clip, as one that cannot start would."""
+    os._exit(1)
+
+
+def test_workers_that_never_finish_a_clip_stop_the_job(corpus):
+    from genreclf.features import _pool_map
+
+    paths = sorted((corpus / "fma_large").rglob("*.mp3"))[:3]
+    recorded = []
+    with pytest.raises(GenreclfError, match="died on all of the 3 clips"):
+        _pool_map([(row, str(p), 1.0, False) for row, p in enumerate(paths)], 1, recorded.append, work=always_die)
+    assert recorded == []  # nothing blamed on the files: they stay pending for the next run
+
+
 def test_a_worker_that_dies_fails_its_clip_and_the_job_goes_on(corpus, store_dir):
     from genreclf.features import _pool_map
 

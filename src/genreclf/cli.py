@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", choices=["genres", "genres_all"], default="genres",
                    help="targets from the track's own genres (reference recipe) or with their ancestors")
     p.add_argument("--audio", type=Path, default=None,
-                   help="audio folder (default: DATA/fma_full, fma_large, fma_medium or fma_small)")
+                   help="audio folder (default: DATA/fma_large, else fma_medium, fma_small, fma_full)")
     p.add_argument("--workers", type=_positive_int, default=None, help="decoder processes (default: all cores)")
     p.add_argument("--shard", type=_shard, default=None, metavar="K/N",
                    help="featurize part K of N (0-based) into its own part of the store; under torchrun or "

@@ -104,7 +104,7 @@ def _check_paths(jobs: list[tuple[int, str, float, bool]], audio_root: Path, sam
 
 
 def find_audio_dir(data_dir: Path) -> Path:
-    """Return the FMA audio folder inside `data_dir` (fma_full, fma_large, fma_medium or fma_small)."""
+    """Return the FMA audio folder inside `data_dir`: fma_large, fma_medium, fma_small, else fma_full."""
     for name in AUDIO_FOLDERS:
         if (data_dir / name).is_dir():
             return data_dir / name
@@ -238,21 +238,32 @@ def _pool_map(jobs: list[tuple], n_workers: int, record, work=None) -> None:
     breaks the pool: the jobs it may have held are then run one by one in fresh processes,
     the one that kills its process again is recorded as failed, and the job goes on.
     """
-    work = work or _work
-    queue = deque(jobs)
+    work, queue, finished = work or _work, deque(jobs), [0]
+
+    def count(result: tuple) -> None:
+        finished[0] += 1
+        record(result)
+
     while queue:
-        suspects, alone = _pool_until_broken(queue, n_workers, record, work), None
+        suspects, alone, crashed = _pool_until_broken(queue, n_workers, count, work), None, []
         for job in suspects:
             alone = alone or _executor(1)
             try:
-                result = alone.submit(work, job).result()
+                count(alone.submit(work, job).result())
             except BrokenProcessPool:
                 alone.shutdown(wait=False)
-                alone, result = None, (job[0], None, 0, f"{job[1]}: the decoder crashed (its process died); "
-                                                        "the file is probably corrupt")
-            record(result)
+                alone = None
+                crashed.append(job)
         if alone is not None:
             alone.shutdown()
+        if crashed and finished[0] == 0:  # no process ever finished a clip: they cannot start
+            raise GenreclfError(
+                f"featurize's worker processes died on all of the {len(crashed)} clips they were given and "
+                "finished none; called from a script? put the call under `if __name__ == \"__main__\":` "
+                "(or check memory and the audio files)")
+        for job in crashed:
+            count((job[0], None, 0, f"{job[1]}: the decoder crashed (its process died); the file is "
+                                    "probably corrupt"))
 
 
 def _executor(n_workers: int) -> ProcessPoolExecutor:

@@ -170,8 +170,10 @@ class PartWriter:
         self.flush()
         self._failed.close()
         failed = pd.read_csv(self.dir / "failed.csv", dtype={"path": str, "reason": str}, keep_default_na=False)
+        ids = pd.to_numeric(failed["track_id"], errors="coerce")  # a stray header line must not empty it
         now = set(self.plan.track_id.to_numpy()[self.state[:] == FAILED].tolist())
-        failed = failed[failed.track_id.isin(now)].drop_duplicates("track_id", keep="last")
+        failed = failed[ids.isin(now)].assign(track_id=ids[ids.isin(now)].astype("int64"))
+        failed = failed.drop_duplicates("track_id", keep="last")
         atomic_write_text(self.dir / "failed.csv", failed.to_csv(index=False))
         counts = {"tracks": len(self.plan), "done": int((self.state > 0).sum()), "failed": int((self.state < 0).sum())}
         if counts["done"] + counts["failed"] == counts["tracks"]:

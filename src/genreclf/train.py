@@ -98,10 +98,14 @@ class EpochLog(Callback):
         atomic_write_text(self.path, "\n".join(lines) + "\n")
 
     def on_train_epoch_start(self, trainer, module) -> None:
-        self.sampler.set_epoch(trainer.current_epoch)  # resumed runs draw the same crops ...
-        # ... and the same dropout and pretraining masks: Lightning does not restore torch's RNG.
-        torch.manual_seed(hash((self.seed, trainer.current_epoch, trainer.global_rank)) % 2**63)
+        self.sampler.set_epoch(trainer.current_epoch)  # resumed runs draw the same crops
         self.t_epoch = time.monotonic()
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        # Resumed runs draw the same dropout and pretraining masks too (Lightning does not restore
+        # torch's RNG). Seeded here, after the epoch's DataLoader iterator has drawn its own seed.
+        if batch_idx == 0:
+            torch.manual_seed(hash((self.seed, trainer.current_epoch, trainer.global_rank)) % 2**63)
 
     def on_train_epoch_end(self, trainer, module) -> None:
         m = trainer.callback_metrics
@@ -191,7 +195,10 @@ def _settings(store: FeatureStore, fit: FitConfig, optim: TrainConfig | Pretrain
 def _check_settings(run_dir: Path, settings: dict, resume: bool) -> None:
     """Write RUN/settings.json when a run starts; on --resume, refuse settings that differ from it."""
     path = run_dir / "settings.json"
-    if resume and path.is_file():
+    if resume and not path.is_file():
+        raise GenreclfError(f"{run_dir} was started by an older genreclf (no settings.json; its loss is on "
+                            "another scale); start a new --out")
+    if resume:
         started = json.loads(path.read_text())
         changed = [k for k in sorted(set(started) | set(settings)) if started.get(k) != settings.get(k)]
         if changed:
