@@ -233,7 +233,7 @@ def _write_header(out: Path, header: StoreHeader) -> None:
 def _pool_map(jobs: list[tuple], n_workers: int, record, work=None) -> None:
     """Run `work` (default: _work) on every job in `n_workers` processes and pass each result to `record`, in any order.
 
-    At most IN_FLIGHT_PER_WORKER jobs per worker are queued, so decoded clips never pile up.
+    Jobs go to the workers CHUNK at a time, at most IN_FLIGHT_PER_WORKER chunks per worker.
     A worker that dies (a decoder crashing on a corrupt file, the out-of-memory killer)
     breaks the pool: the jobs it may have held are then run one by one in fresh processes,
     the one that kills its process again is recorded as failed, and the job goes on.
@@ -271,7 +271,12 @@ def _executor(n_workers: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(n_workers, mp_context=mp.get_context("spawn"), initializer=_worker_init)
 
 
-IN_FLIGHT_PER_WORKER = 4
+CHUNK = 4  # clips per task: fewer round trips between the parent and its workers
+IN_FLIGHT_PER_WORKER = 2  # tasks queued per worker: decoded clips never pile up in the parent
+
+
+def _run_chunk(work, chunk: list[tuple]) -> list:
+    return [work(job) for job in chunk]
 
 
 def _pool_until_broken(queue: deque, n_workers: int, record, work) -> list:
@@ -281,22 +286,23 @@ def _pool_until_broken(queue: deque, n_workers: int, record, work) -> list:
     try:
         while queue or in_flight:
             while queue and len(in_flight) < IN_FLIGHT_PER_WORKER * n_workers:
-                job = queue.popleft()
-                in_flight[pool.submit(work, job)] = job
+                chunk = [queue.popleft() for _ in range(min(CHUNK, len(queue)))]
+                in_flight[pool.submit(_run_chunk, work, chunk)] = chunk
             done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
             broken = []
             for future in done:
-                job = in_flight.pop(future)
+                chunk = in_flight.pop(future)
                 try:
-                    result = future.result()
+                    results = future.result()
                 except BrokenProcessPool:
-                    broken.append(job)
+                    broken += chunk
                     continue
-                record(result)
+                for result in results:
+                    record(result)
             if broken:
-                log.warning("a featurize worker died; re-running its %d clip(s) one by one",
-                            len(broken) + len(in_flight))
-                return broken + list(in_flight.values())
+                suspects = broken + [job for chunk in in_flight.values() for job in chunk]
+                log.warning("a featurize worker died; re-running its %d clip(s) one by one", len(suspects))
+                return suspects
         return []
     finally:
         pool.shutdown(wait=not in_flight, cancel_futures=True)
