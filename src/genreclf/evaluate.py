@@ -78,7 +78,9 @@ def evaluate(model_path: str | Path, store_path: str | Path, split: str | None =
     seed = trained_seed if seed is None else seed
     positions = split_positions(store, part, split, seed)
     train_positions = split_positions(store, "training", split, seed)
-    seen = np.intersect1d(positions, _positions_or_none(store, trained_split, trained_seed))
+    same = split == trained_split and (split == "official" or seed == trained_seed)
+    seen = np.intersect1d(positions, train_positions if same else _positions_or_none(store, trained_split,
+                                                                                      trained_seed))
     if len(seen):
         log.warning("%d of the %d %s tracks were in the training split of %s (%s split, seed %d): their scores "
                     "flatter the model; evaluate with the split it was trained on", len(seen), len(positions), part,

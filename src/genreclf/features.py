@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from genreclf import audio, metadata
 from genreclf.audio import N_FRAMES, N_MELS, N_SAMPLES, SignalConfig
-from genreclf.errors import GenreclfError
+from genreclf.errors import GenreclfError, first_line
 from genreclf.mel import log_mel, log_mel_batch, pad_or_trim, valid_frames
 from genreclf.atomic import atomic_write_text
 from genreclf.store import FeatureStore, PartWriter, StoreHeader, part_name
@@ -90,7 +90,7 @@ def _check_device(device: str | None) -> str | None:
     try:
         torch.empty(1, device=device)
     except (RuntimeError, AssertionError, ValueError) as e:
-        raise GenreclfError(f"cannot use --device {device}: {str(e).splitlines()[0]}; "
+        raise GenreclfError(f"cannot use --device {device}: {first_line(e, None)}; "
                             "use cpu, cuda or cuda:N for a GPU this machine has") from None
     return device
 

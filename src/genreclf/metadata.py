@@ -148,13 +148,11 @@ def _read_genres(path: Path) -> Genres:
 
 def _genre_ints(table: pd.DataFrame, column: str, path: Path) -> np.ndarray:
     """Parse a genres.csv column of integers ("2" or "2.0"); blank or fractional cells are an error."""
-    numbers = pd.to_numeric(table[column].astype(str).str.strip(), errors="coerce").to_numpy(dtype=np.float64)
-    bad = ~(numbers == np.floor(numbers))  # also catches NaN: blank or not a number
-    if bad.any():
-        row = int(np.argmax(bad))
+    numbers, row = _parse_ints(table[column].to_numpy())
+    if row is not None:
         raise GenreclfError(f"{path}: line {row + 2} has {column} {str(table[column].iloc[row])!r}, expected an "
                             "integer; is this FMA's genres.csv?")
-    return numbers.astype(np.int64)
+    return numbers
 
 
 def load_fma(
@@ -255,18 +253,28 @@ def _int_column(
     values: np.ndarray, path: Path, what: str, track_ids: np.ndarray, missing: int | None = None
 ) -> np.ndarray:
     """Parse integer strings such as "2" or "2.0"; empty cells become `missing`, else are an error."""
-    text = pd.Series(values, dtype=str).str.strip()
-    numbers = pd.to_numeric(text.replace("", np.nan), errors="coerce").to_numpy(dtype=np.float64)
-    if missing is not None:
-        numbers[(text == "").to_numpy()] = missing
-    bad = ~(numbers == np.floor(numbers))  # also catches NaN: empty or not a number
-    if bad.any():
-        row = int(np.argmax(bad))
+    numbers, row = _parse_ints(values, missing)
+    if row is not None:
         raise GenreclfError(
             f"{path}: track {track_ids[row]} has {what} {str(values[row])!r}, "
             "expected an integer; is this FMA's tracks.csv?"
         )
-    return numbers.astype(np.int64)
+    return numbers
+
+
+def _parse_ints(values: np.ndarray, missing: int | None = None) -> tuple[np.ndarray, int | None]:
+    """Return (int64 values, None), or (_, the first row that is not a whole number).
+
+    Accepts "2" and "2.0"; empty cells become `missing` when it is given, else are bad.
+    """
+    text = pd.Series(values, dtype=str).str.strip()
+    numbers = pd.to_numeric(text.replace("", np.nan), errors="coerce").to_numpy(dtype=np.float64, copy=True)
+    if missing is not None:
+        numbers[(text == "").to_numpy()] = missing
+    bad = ~(numbers == np.floor(numbers))  # also catches NaN: empty or not a number
+    if bad.any():
+        return numbers, int(np.argmax(bad))
+    return numbers.astype(np.int64), None
 
 
 def _multi_hot(
