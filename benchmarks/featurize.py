@@ -7,12 +7,12 @@ layout, then measures in one run on the same N files (every other track of the 2
   (a) decode only: soundfile (libsndfile/mpg123, our first decoder) and PyAV (FFmpeg),
   (b) the reference recipe: librosa.load(sr=16000) + melspectrogram(n_mels=128) +
       power_to_db(ref=np.max), one float32 .npy per track (saving timed too),
-  (c) ours: genreclf.features.featurize_file + a row of a float16 memmap,
+  (c) ours: genreclf.featurize.featurize_file + a row of a float16 memmap,
   (d) the CPU part of ours when a GPU computes the log-mel (featurize's GPU layout: workers
       decode, down-mix, resample and pad; the parent batches the log-mel on the GPU),
 all single-threaded in this process (CPU ms per clip = per-core cost), interleaved clip by
 clip over --rounds rounds (per clip the fastest round counts), then
-  (e) genreclf.features.featurize over the corpus with 1 and W worker processes, and over
+  (e) genreclf.featurize.featurize over the corpus with 1 and W worker processes, and over
       the 2N clips, each in a fresh subprocess (wall clips/s, CPU incl. children, peak RSS).
 """
 
@@ -220,7 +220,7 @@ def run_featurize_child(args: dict) -> dict:
     """Run genreclf featurize in this (fresh) process and return its wall, CPU and peak RSS."""
     import threading
 
-    from genreclf.features import featurize
+    from genreclf.featurize import featurize
 
     peak_worker, stop = [0.0], threading.Event()
     state_file = Path(args["out"]) / f"part-{args['shard'][0]}-of-{args['shard'][1]}" / "state.npy"
@@ -303,7 +303,7 @@ def main() -> None:
     import torch
 
     from genreclf import audio
-    from genreclf.features import decode_clip, featurize_file
+    from genreclf.featurize import decode_clip, featurize_file
     from genreclf.mel import log_mel, pad_or_trim
 
     torch.set_num_threads(1)
@@ -378,7 +378,7 @@ def main() -> None:
     print("  ours, step by step:")
     for t in steps:
         print(t.row(decode_sf))
-    print("\nfeaturize (genreclf.features.featurize, fresh subprocess; imports excluded, pool start-up included)")
+    print("\nfeaturize (genreclf.featurize.featurize, fresh subprocess; imports excluded, pool start-up included)")
     print(f"  {'':<22} {'clips':>5} {'clips/s':>8} {'CPU ms/clip':>11}   {'peak RSS parent / worker MB':>27}")
     steady = {}
     for (workers, parts), r in runs.items():

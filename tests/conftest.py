@@ -53,7 +53,7 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def store_dir(corpus, tmp_path_factory) -> Path:
     """The feature store of `corpus`."""
-    from genreclf.features import featurize
+    from genreclf.featurize import featurize
 
     out = tmp_path_factory.mktemp("store") / "store"
     featurize(corpus, out, workers=2, progress=False)

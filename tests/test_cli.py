@@ -13,7 +13,7 @@ import torch
 
 from conftest import write_bad_files
 from genreclf.cli import main
-from genreclf.features import FeatureStore
+from genreclf.store import FeatureStore
 from genreclf.modelfile import ModelFile
 from genreclf.models import count_parameters
 from genreclf.predict import Tagger

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from genreclf.data import CropBatchSampler, EvenCropSampler, collate, loader, split_positions
+from genreclf.data import CropBatchSampler, EvenCropSampler, collate, loader, split_positions, crop_starts
 from genreclf.errors import GenreclfError
-from genreclf.features import FeatureStore
+from genreclf.store import FeatureStore
 
 
 def test_crop_batches_are_reproducible_and_within_real_frames():
@@ -57,3 +57,19 @@ def test_loader_reads_the_store(store_dir):
     assert b["x"].dtype.is_floating_point and b["y"].shape[1] == 163
     with pytest.raises(GenreclfError):
         split_positions(store, "training", "nonsense")
+
+
+def test_crop_starts() -> None:
+    assert crop_starts(938, 300, 3) == [0, 319, 638]
+    assert crop_starts(938, 300, 1) == [319]
+    assert crop_starts(938, 938, 4) == [0]
+    assert crop_starts(100, 300, 4) == [0]
+    assert crop_starts(302, 300, 5) == [0, 1, 2]
+    for n, c, k in [(938, 256, 8), (1000, 7, 13), (50, 10, 41)]:
+        starts = crop_starts(n, c, k)
+        assert starts[0] == 0 and starts[-1] == n - c and len(starts) == min(k, n - c + 1)
+        assert np.ptp(np.diff(starts)) <= 1
+    with pytest.raises(GenreclfError):
+        crop_starts(938, 0, 3)
+    with pytest.raises(GenreclfError):
+        crop_starts(938, 300, 0)

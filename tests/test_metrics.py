@@ -216,22 +216,6 @@ def test_top_level_accuracy() -> None:
         M.top_level_accuracy(s, is_top, np.array([1, 0, 0, 0, 0]))  # column 1 is not top-level
 
 
-def test_crop_starts() -> None:
-    assert M.crop_starts(938, 300, 3) == [0, 319, 638]
-    assert M.crop_starts(938, 300, 1) == [319]
-    assert M.crop_starts(938, 938, 4) == [0]
-    assert M.crop_starts(100, 300, 4) == [0]
-    assert M.crop_starts(302, 300, 5) == [0, 1, 2]
-    for n, c, k in [(938, 256, 8), (1000, 7, 13), (50, 10, 41)]:
-        starts = M.crop_starts(n, c, k)
-        assert starts[0] == 0 and starts[-1] == n - c and len(starts) == min(k, n - c + 1)
-        assert np.ptp(np.diff(starts)) <= 1
-    with pytest.raises(GenreclfError):
-        M.crop_starts(938, 0, 3)
-    with pytest.raises(GenreclfError):
-        M.crop_starts(938, 300, 0)
-
-
 def test_bad_inputs_raise_genreclf_error() -> None:
     with pytest.raises(GenreclfError):
         M.tagging_metrics(np.zeros((3, 2)), np.zeros((3, 3)))

@@ -47,7 +47,7 @@ def test_tracks_csv_has_fma_layout(corpus: Path):
 
 
 def test_genres_csv_is_the_packaged_copy(corpus: Path):
-    packaged = resources.files("genreclf") / "data" / "genres.csv"
+    packaged = resources.files("genreclf") / "assets" / "genres.csv"
     assert (corpus / "fma_metadata" / "genres.csv").read_bytes() == packaged.read_bytes()
 
 

@@ -1,8 +1,9 @@
 """genreclf: multi-label music genre classification (FMA, GRU vs Transformer)."""
 
 from genreclf.errors import AudioError, GenreclfError
+from genreclf.provenance import version as _version
 
-__version__ = "0.1.0"
+__version__ = _version()  # one source of truth: pyproject.toml, through the package metadata
 __all__ = ["AudioError", "GenreclfError", "Tagger", "__version__"]
 
 

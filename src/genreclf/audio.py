@@ -24,6 +24,11 @@ CLIP_SECONDS = 30  # FMA clips are 30 s; features are padded or cropped to this
 N_SAMPLES = CLIP_SECONDS * SAMPLE_RATE  # 480,000 samples in a clip
 N_FRAMES = 1 + N_SAMPLES // HOP_LENGTH  # 938 frames (centred STFT)
 
+# Audio whose RMS level is below this is treated as silence: no genres are learnt from it or given to it.
+# -60 dBFS RMS is ~40 dB below quiet music (a pianissimo passage sits near -40 dBFS RMS) and well above
+# dither and encoder noise floors (below -90 dBFS); a digitally silent clip has no level at all (-inf).
+SILENCE_DBFS = -60.0
+
 AUDIO_EXTENSIONS = (".mp3", ".wav", ".flac", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".aiff", ".aif", ".wma")
 
 
@@ -99,6 +104,19 @@ def load(path: str | Path, sample_rate: int = SAMPLE_RATE, max_seconds: float | 
     if not np.isfinite(mono.sum()):  # NaN and inf propagate to the sum: 3x cheaper than isfinite().all()
         mono = np.nan_to_num(mono, nan=0.0, posinf=1.0, neginf=-1.0)
     return resample(mono, rate, sample_rate)
+
+
+def rms_dbfs(wave: np.ndarray) -> float:
+    """Return the RMS level of a waveform in dB relative to full scale (-inf for digital silence)."""
+    if len(wave) == 0:
+        return float("-inf")
+    power = float(np.dot(wave, wave)) / len(wave)  # float32 dot accumulates blockwise: ~1e-6 relative
+    return 10.0 * np.log10(power) if power > 0 else float("-inf")
+
+
+def is_silent(wave: np.ndarray, threshold_dbfs: float = SILENCE_DBFS) -> bool:
+    """Return True when a (mono, decoded, unnormalised) waveform's RMS level is below `threshold_dbfs`."""
+    return rms_dbfs(wave) < threshold_dbfs
 
 
 def downmix(audio: np.ndarray) -> np.ndarray:

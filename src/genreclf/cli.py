@@ -80,7 +80,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_featurize(args: argparse.Namespace) -> int:
-    from genreclf.features import featurize
+    from genreclf.featurize import featurize
 
     result = featurize(
         args.data,
@@ -94,11 +94,12 @@ def cmd_featurize(args: argparse.Namespace) -> int:
         device=args.device,
         retry_failed=args.retry_failed,
         progress=not args.quiet,
+        clip_timeout=args.clip_timeout,
     )
     rate = result.done / result.seconds if result.seconds else 0.0
     print(
         f"{result.store}: {result.done} of {result.tracks} tracks featurized, {result.failed} failed "
-        f"(listed in failed.csv), {result.seconds:.1f} s this run ({rate:.1f} clips/s)"
+        f"({result.silent} of them silent; listed in failed.csv), {result.seconds:.1f} s this run ({rate:.1f} clips/s)"
     )
     if not result.complete:
         print(f"{result.store}: other shards are still to be featurized before the store can be read")
@@ -293,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "CPU worker)")
     p.add_argument("--min-seconds", type=_positive_float, default=1.0,
                    help="clips shorter than this are recorded as failed (default 1.0)")
+    p.add_argument("--clip-timeout", type=_positive_float, default=60.0, metavar="SECONDS",
+                   help="a clip whose decoder gives no result in this time is recorded as failed (default 60)")
     p.set_defaults(func=cmd_featurize)
 
     for name in ("train", "pretrain"):

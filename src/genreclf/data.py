@@ -35,6 +35,25 @@ def split_positions(store: FeatureStore, part: str, split: str = "official", see
     return positions
 
 
+def crop_starts(n_frames: int, crop: int, n_crops: int) -> list[int]:
+    """Return evenly spaced start frames of n_crops crops of length crop covering n_frames.
+
+    The first crop starts at 0 and the last at n_frames - crop; one crop is the
+    centre crop; a sequence no longer than crop gives [0] (the caller pads).
+    Starts are rounded half up and deduplicated, so a short sequence can give
+    fewer than n_crops crops (a repeated crop would count twice in an average).
+    """
+    if crop < 1 or n_crops < 1:
+        raise GenreclfError(f"crop length and number of crops must be >= 1, got {crop} and {n_crops}")
+    span = n_frames - crop
+    if span <= 0:
+        return [0]
+    if n_crops == 1:
+        return [span // 2]
+    starts = [(2 * k * span + n_crops - 1) // (2 * (n_crops - 1)) for k in range(n_crops)]
+    return sorted(set(starts))
+
+
 class CropDataset(Dataset):
     """Items are (position, start, length) triples; returns float32 crops with their targets."""
 
@@ -130,7 +149,7 @@ class EvenCropSampler(Sampler):
         for b in range(0, len(self.positions), self.batch_size):
             batch = self.positions[b : b + self.batch_size]
             valid = self.valid_frames[batch]
-            starts = np.maximum(valid - self.length, 0) // 2
+            starts = [crop_starts(int(v), self.length, 1)[0] for v in valid]
             yield [(int(p), int(s), int(min(self.length, v))) for p, s, v in zip(batch, starts, valid)]
 
 

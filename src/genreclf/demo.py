@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from genreclf.evaluate import SUMMARY, evaluate, fmt
-from genreclf.features import featurize
+from genreclf.evaluate import evaluate, fmt
+from genreclf.metrics import SUMMARY
+from genreclf.featurize import featurize
 from genreclf.lightning_modules import TrainConfig
 from genreclf.metadata import audio_path
 from genreclf.predict import Tagger

@@ -18,22 +18,13 @@ from tqdm.auto import tqdm
 
 from genreclf.data import split_positions
 from genreclf.errors import GenreclfError
-from genreclf.metrics import tagging_metrics, top_level_accuracy
+from genreclf.metrics import SUMMARY, tagging_metrics, top_level_accuracy
 from genreclf.modelfile import ModelFile
 from genreclf.predict import CROP_FRAMES, N_CROPS, score_features
 from genreclf.atomic import atomic_write_text
 from genreclf.store import FeatureStore
 
 log = logging.getLogger(__name__)
-
-SUMMARY = ("ap_weighted", "ap_micro", "ap_macro", "roc_auc_macro")
-DESCRIPTIONS = {
-    "ap_weighted": "per-genre AP weighted by positives (the reference's \"micro-average\")",
-    "ap_micro": "micro-averaged AP over all (track, genre) pairs",
-    "ap_macro": "mean AP over genres present in the split",
-    "roc_auc_macro": "mean ROC-AUC over genres present in the split",
-}
-
 
 def predict_store(model: torch.nn.Module, store: FeatureStore, positions: np.ndarray, crop: int | None = CROP_FRAMES,
                   n_crops: int = N_CROPS, batch_size: int = 64, progress: bool = False) -> np.ndarray:

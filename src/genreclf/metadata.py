@@ -121,7 +121,7 @@ class Labels:
 def load_genres(path: str | Path | None = None) -> Genres:
     """Return the genre vocabulary of an FMA genres.csv (default: the packaged copy)."""
     if path is None:
-        with resources.as_file(resources.files("genreclf") / "data" / "genres.csv") as packaged:
+        with resources.as_file(resources.files("genreclf") / "assets" / "genres.csv") as packaged:
             return _read_genres(Path(packaged))
     return _read_genres(Path(path))
 

@@ -23,6 +23,15 @@ from genreclf.errors import GenreclfError
 Metric = Callable[[np.ndarray, np.ndarray], float]
 
 
+SUMMARY = ("ap_weighted", "ap_micro", "ap_macro", "roc_auc_macro")
+DESCRIPTIONS = {
+    "ap_weighted": "per-genre AP weighted by positives (the reference's \"micro-average\")",
+    "ap_micro": "micro-averaged AP over all (track, genre) pairs",
+    "ap_macro": "mean AP over genres present in the split",
+    "roc_auc_macro": "mean ROC-AUC over genres present in the split",
+}
+
+
 def _check(y_true: np.ndarray, y_score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     y_true = np.asarray(y_true)
     y_score = np.asarray(y_score, dtype=np.float64)
@@ -441,22 +450,3 @@ def top_level_accuracy(
         return float("nan"), 0
     pred = top_cols[np.argmax(y_score[has][:, top_cols], axis=1)]
     return float(np.mean(pred == true_column[has])), int(has.sum())
-
-
-def crop_starts(n_frames: int, crop: int, n_crops: int) -> list[int]:
-    """Return evenly spaced start frames of n_crops crops of length crop covering n_frames.
-
-    The first crop starts at 0 and the last at n_frames - crop; one crop is the
-    centre crop; a sequence no longer than crop gives [0] (the caller pads).
-    Starts are rounded half up and deduplicated, so a short sequence can give
-    fewer than n_crops crops (a repeated crop would count twice in an average).
-    """
-    if crop < 1 or n_crops < 1:
-        raise GenreclfError(f"crop length and number of crops must be >= 1, got {crop} and {n_crops}")
-    span = n_frames - crop
-    if span <= 0:
-        return [0]
-    if n_crops == 1:
-        return [span // 2]
-    starts = [(2 * k * span + n_crops - 1) // (2 * (n_crops - 1)) for k in range(n_crops)]
-    return sorted(set(starts))

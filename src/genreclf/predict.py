@@ -15,9 +15,9 @@ import torch
 
 from genreclf import audio
 from genreclf.audio import N_FRAMES, N_SAMPLES, SAMPLE_RATE
+from genreclf.data import crop_starts
 from genreclf.errors import GenreclfError
 from genreclf.mel import log_mel_batch, valid_frames
-from genreclf.metrics import crop_starts
 from genreclf.modelfile import ModelFile
 
 CROP_FRAMES = 256  # the longest training crop

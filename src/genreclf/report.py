@@ -31,14 +31,14 @@ import pandas as pd
 from genreclf import __version__
 from genreclf.data import SPLITS, split_positions
 from genreclf.errors import GenreclfError
-from genreclf.evaluate import SUMMARY, evaluate
-from genreclf.metrics import bootstrap_ci, paired_bootstrap_diff, per_genre_metrics, tagging_metrics
+from genreclf.evaluate import evaluate
+from genreclf.metrics import SUMMARY, bootstrap_ci, paired_bootstrap_diff, per_genre_metrics, tagging_metrics
 from genreclf.modelfile import ModelFile
 from genreclf.report_figures import learning_curves_figure, metrics_figure, per_genre_figure, pr_figure
 from genreclf.report_markdown import render
 from genreclf.atomic import atomic_write_text
 from genreclf.store import FeatureStore
-from genreclf.train import git_revision
+from genreclf.provenance import git_revision
 
 log = logging.getLogger(__name__)
 

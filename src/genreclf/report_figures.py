@@ -11,7 +11,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from genreclf.evaluate import SUMMARY
+from genreclf.metrics import SUMMARY
 from genreclf.metrics import average_precision
 
 if TYPE_CHECKING:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from genreclf.evaluate import DESCRIPTIONS, SUMMARY
+from genreclf.metrics import DESCRIPTIONS, SUMMARY
 
 SMALL_TEST_SET = 1000  # tracks; below this the report warns that averaged per-genre AP is biased upward
 
@@ -40,7 +40,7 @@ def _provenance(s: dict) -> list[str]:
          "failed tracks in store", "labels", "subset", "git revision", "trained"],
         [[r["name"], r["model_kind"], f"{r['parameters']:,}" if r["parameters"] else "n/a", r["epochs"],
           r["trained_split"], r["evaluated_split"], r["n_tracks"], r["n_failed_in_store"], r["labels"], r["subset"],
-          r["git"], r["trained"]] for r in runs])
+          r["git"] or "-", r["trained"]] for r in runs])
     for r in runs:
         lines.append(f"- **{r['name']}**: `{r['run_dir']}`; store `{r['store']}` ({r['store_description']}); "
                      f"{r['train_tracks']} training tracks.")
@@ -126,7 +126,7 @@ def render(s: dict) -> str:
     """Return report.md for the summary written to report.json."""
     names = ", ".join(r["name"] for r in s["runs"])
     lines = ["# Genre tagging report", "",
-             f"Runs: {names}. Generated {s['generated']} by genreclf {s['genreclf']} (git revision {s['git']}); "
+             f"Runs: {names}. Generated {s['generated']} by genreclf {s['genreclf']} (git revision {s['git'] or 'none: not a source checkout'}); "
              f"every number is on the {s['part']} part of a split.", ""]
     lines += _provenance(s)
     lines += ["## Summary metrics", "", "![Summary metrics](metrics.png)", ""]

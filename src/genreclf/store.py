@@ -175,7 +175,8 @@ class PartWriter:
         failed = failed[ids.isin(now)].assign(track_id=ids[ids.isin(now)].astype("int64"))
         failed = failed.drop_duplicates("track_id", keep="last")
         atomic_write_text(self.dir / "failed.csv", failed.to_csv(index=False))
-        counts = {"tracks": len(self.plan), "done": int((self.state > 0).sum()), "failed": int((self.state < 0).sum())}
+        counts = {"tracks": len(self.plan), "done": int((self.state > 0).sum()), "failed": int((self.state < 0).sum()),
+                  "silent": int(failed["reason"].str.startswith("silent").sum())}
         if counts["done"] + counts["failed"] == counts["tracks"]:
             atomic_write_text(self.dir / "part.json", json.dumps(counts))
         return counts

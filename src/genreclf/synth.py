@@ -427,7 +427,7 @@ def make_corpus(
     metadata_dir.mkdir(parents=True, exist_ok=True)
     genres = load_genres()
     table, specs = synth_metadata(n_tracks, seconds, seed, genres)
-    with resources.as_file(resources.files("genreclf") / "data" / "genres.csv") as packaged:
+    with resources.as_file(resources.files("genreclf") / "assets" / "genres.csv") as packaged:
         shutil.copyfile(packaged, metadata_dir / "genres.csv")
     atomic_write_text(metadata_dir / "tracks.csv", table.to_csv(lineterminator="\n"))
 

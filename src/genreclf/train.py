@@ -16,7 +16,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import subprocess
 import time
 import warnings
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from genreclf import __version__
+from genreclf.provenance import git_revision
 from genreclf.data import CropBatchSampler, EvenCropSampler, loader, split_positions
 from genreclf.errors import GenreclfError, first_line
 from genreclf.lightning_modules import PretrainConfig, PretrainModule, TaggerModule, TrainConfig
@@ -130,16 +130,6 @@ class EpochLog(Callback):
 def _hms(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def git_revision() -> str:
-    """Return the git revision of the genreclf source, or "unknown"."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).parent)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def _prepare(store_path: str | Path, run_dir: str | Path, fit: FitConfig, optim: TrainConfig | PretrainConfig,

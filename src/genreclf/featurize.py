@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import multiprocessing as mp
 import os
+import shutil
 import time
-from collections import deque
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,10 +24,9 @@ from genreclf import audio, metadata
 from genreclf.audio import N_FRAMES, N_MELS, N_SAMPLES, SignalConfig
 from genreclf.errors import GenreclfError, first_line
 from genreclf.mel import log_mel, log_mel_batch, pad_or_trim, valid_frames
+from genreclf.pool import pool_map
 from genreclf.atomic import atomic_write_text
-from genreclf.store import FeatureStore, PartWriter, StoreHeader, part_name
-
-__all__ = ["FeatureStore", "FeaturizeResult", "featurize", "featurize_file", "log_mel", "log_mel_batch"]
+from genreclf.store import PartWriter, StoreHeader, part_name
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +34,9 @@ log = logging.getLogger(__name__)
 # (large holds medium holds small), then fma_full's untrimmed tracks (their first 30 s).
 AUDIO_FOLDERS = ("fma_large", "fma_medium", "fma_small", "fma_full")
 MIN_SECONDS = 1.0  # shorter clips are recorded as failed: too little audio to tag
+# Seconds one clip may take in a worker before its decoder counts as hung. A 30-s FMA clip takes
+# 0.05 s of CPU here (README); 60 s leaves a 1000x margin for slow disks and loaded machines.
+CLIP_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True)
@@ -47,18 +46,23 @@ class FeaturizeResult:
     store: Path
     tracks: int  # tracks planned for this part
     done: int  # tracks with features (this run and earlier runs)
-    failed: int  # tracks recorded in failed.csv
+    failed: int  # tracks recorded in failed.csv (silent ones included)
+    silent: int  # of the failed, those whose audio is silent (below audio.SILENCE_DBFS)
     seconds: float  # wall time of this run
     complete: bool  # True once every part of the store is finished
 
 
 def decode_clip(path: str | Path, min_seconds: float = MIN_SECONDS) -> tuple[np.ndarray, int]:
-    """Return (30-s waveform, padded or cropped, valid frames) of one clip; too short is an AudioError."""
+    """Return (30-s waveform, padded or cropped, valid frames) of one clip; too short or silent is an AudioError."""
     wave = audio.load(path, max_seconds=N_SAMPLES / audio.SAMPLE_RATE)
     seconds = len(wave) / audio.SAMPLE_RATE
     if seconds < min_seconds:
         raise audio.AudioError(f"{path}: too short ({seconds:.2f} s < {min_seconds} s)")
-    return pad_or_trim(wave), valid_frames(len(wave), N_FRAMES)
+    wave = pad_or_trim(wave)
+    level = audio.rms_dbfs(wave[: int(seconds * audio.SAMPLE_RATE)])
+    if level < audio.SILENCE_DBFS:  # log-mel normalised by its own maximum would make silence look loud
+        raise audio.AudioError(f"{path}: silent (RMS level {level:.0f} dBFS < {audio.SILENCE_DBFS:.0f} dBFS)")
+    return wave, valid_frames(int(seconds * audio.SAMPLE_RATE), N_FRAMES)
 
 
 def featurize_file(path: str | Path, min_seconds: float = MIN_SECONDS) -> tuple[np.ndarray, int]:
@@ -68,11 +72,22 @@ def featurize_file(path: str | Path, min_seconds: float = MIN_SECONDS) -> tuple[
 
 
 def shard_from_env() -> tuple[int, int]:
-    """Return (RANK, WORLD_SIZE) when launched by torchrun or SLURM, else (0, 1)."""
-    for rank, world in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
-        if rank in os.environ and world in os.environ:
-            return int(os.environ[rank]), int(os.environ[world])
+    """Return (RANK, WORLD_SIZE) when launched by torchrun, or by SLURM's srun, else (0, 1).
+
+    SLURM_PROCID/SLURM_NTASKS are trusted only inside a job step started by srun (SLURM_STEP_ID is a
+    step number): a batch script run with `sbatch --ntasks=4` but without srun sees them too, and
+    would otherwise quietly featurize part 0 of 4 only.
+    """
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    step = os.environ.get("SLURM_STEP_ID", "")
+    in_srun_step = step.isdigit() and int(step) < SLURM_SPECIAL_STEPS  # not the batch or extern step
+    if in_srun_step and "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+        return int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
     return 0, 1
+
+
+SLURM_SPECIAL_STEPS = 0xFFFFFFF0  # SLURM numbers its batch, extern and interactive steps from 0xFFFFFFFA up
 
 
 def default_workers() -> int:
@@ -95,12 +110,27 @@ def _check_device(device: str | None) -> str | None:
     return device
 
 
-def _check_paths(jobs: list[tuple[int, str, float, bool]], audio_root: Path, sample: int = 100) -> None:
+def _check_paths(paths: list[str], audio_root: Path, sample: int = 100) -> None:
     """Refuse to start when none of the first `sample` planned audio files exists: a wrong --audio or --data."""
-    head = jobs[:sample]
-    if head and not any(Path(path).is_file() for _, path, _, _ in head):
+    head = paths[:sample]
+    if head and not any(Path(path).is_file() for path in head):
         raise GenreclfError(f"none of the first {len(head)} audio files exists under {audio_root} "
-                            f"(e.g. {head[0][1]}); check --data / --audio")
+                            f"(e.g. {head[0]}); check --data / --audio")
+
+
+def _has_features(part_dir: Path) -> bool:
+    """Return True when an earlier run already featurized some clip of this part."""
+    try:
+        return bool((np.load(part_dir / "state.npy", mmap_mode="r") > 0).any())
+    except (OSError, ValueError):
+        return False
+
+
+def _remove(path: Path | None) -> None:
+    """Remove a folder this run created (and everything in it)."""
+    if path is not None and path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+        log.debug("removed %s, created by this refused run", path)
 
 
 def find_audio_dir(data_dir: Path) -> Path:
@@ -114,22 +144,28 @@ def find_audio_dir(data_dir: Path) -> Path:
     )
 
 
-def _worker_init() -> None:
-    import torch
-
-    torch.set_num_threads(1)  # one clip per process: threads would only contend
+Result = tuple[int, "np.ndarray | None", int, str, str]  # row, array, valid frames, reason, decoder details
 
 
-def _work(job: tuple[int, str, float, bool]) -> tuple[int, np.ndarray | None, int, str]:
+def _work(job: tuple[int, str, float, bool]) -> Result:
     """Featurize (or, for batched log-mel on a GPU, only decode) one clip; failures become reasons."""
     row, path, min_seconds, decode_only = job
     try:
         array, n_valid = (decode_clip if decode_only else featurize_file)(path, min_seconds)
-        return row, array, n_valid, ""
-    except audio.AudioError as e:
-        return row, None, 0, str(e)
+        return row, array, n_valid, "", ""
+    except audio.AudioError as e:  # failed.csv has the path in its own column
+        return row, None, 0, str(e).removeprefix(f"{path}: "), getattr(e, "details", "") or ""
     except Exception as e:  # a decoder bug on one odd file must not stop a 10-hour job
-        return row, None, 0, f"{path}: unexpected {type(e).__name__}: {e}"
+        return row, None, 0, f"unexpected {type(e).__name__}: {first_line(e)}", str(e)
+
+
+def _failed_job(job: tuple[int, str, float, bool], reason: str) -> Result:
+    """The result of a job whose worker crashed or hung."""
+    return job[0], None, 0, reason, ""
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)  # one clip per process: threads would only contend
 
 
 def featurize(
@@ -144,6 +180,7 @@ def featurize(
     device: str | None = None,
     retry_failed: bool = False,
     progress: bool = True,
+    clip_timeout: float = CLIP_TIMEOUT,
 ) -> FeaturizeResult:
     """Featurize the FMA-layout corpus in `data_dir` into the store `out`; resumes an unfinished run.
 
@@ -153,6 +190,9 @@ def featurize(
     into part k of n; the store opens once all parts are finished. `retry_failed` tries the
     tracks recorded as failed again. With a `device` (default:
     "cuda" when a GPU is present) workers only decode and the log-mel is batched on it.
+    A clip whose decoder gives no result within `clip_timeout` seconds fails "timed out".
+    Every input is validated before anything is written; a run refused or failing before
+    its first clip removes the folders it created.
     """
     t0 = time.perf_counter()
     data_dir, out = Path(data_dir), Path(out)
@@ -176,8 +216,6 @@ def featurize(
         n_parts=n_shards,
         source=str(data_dir.resolve()),
     )
-    _write_header(out, header)
-
     order = np.argsort(labels_.track_ids, kind="stable")[k::n_shards]
     plan = pd.DataFrame(
         {
@@ -188,30 +226,41 @@ def featurize(
             "path": [str(metadata.audio_path(audio_root, t)) for t in labels_.track_ids[order]],
         }
     )
-    writer = PartWriter(out / part_name(k, n_shards), plan, labels_.targets[order], N_FRAMES, N_MELS)
+    part_dir = out / part_name(k, n_shards)
+    if not _has_features(part_dir):  # nothing featurized yet: a wrong folder would fail every track
+        _check_paths(plan["path"].tolist(), audio_root)
+    # Every input is checked: only now is anything created (the features file reserves its full size).
+    created = next((p for p in (out, part_dir) if not p.exists()), None)
+    try:
+        _write_header(out, header)
+        writer = PartWriter(part_dir, plan, labels_.targets[order], N_FRAMES, N_MELS)
+    except BaseException:
+        _remove(created)
+        raise
     if retry_failed:
         writer.retry_failed()
     pending = writer.pending_rows()
     jobs = [(int(r), plan.at[int(r), "path"], min_seconds, device is not None) for r in pending]
-    if not (writer.state > 0).any():  # nothing featurized yet: a wrong folder would fail every track
-        _check_paths(jobs, audio_root)
     n_workers = max(1, min(workers or default_workers(), len(jobs) or 1))
-    log.info("featurizing %d of %d tracks into %s with %d worker(s)%s", len(jobs), len(plan), out, n_workers,
-             f", log-mel batched on {device}" if device else "")
+    log.info("featurizing %d of %d tracks (shard %d of %d) into %s with %d worker(s)%s", len(jobs), len(plan),
+             k, n_shards, part_dir, n_workers, f", log-mel batched on {device}" if device else "")
     bar = tqdm(total=len(plan), initial=len(plan) - len(jobs), unit="clip", desc="featurize",
                disable=not progress, dynamic_ncols=True, smoothing=0.05)
     try:
-        _run(jobs, writer, bar, n_workers, device)
-    except BaseException:  # Ctrl-C included: keep every finished row for the next run
+        _run(jobs, writer, bar, n_workers, device, clip_timeout)
+    except BaseException:  # Ctrl-C included: keep every finished row for the next run ...
         writer.close()
+        if not (writer.state[:] != 0).any():  # ... but a run that did nothing leaves nothing behind
+            _remove(created)
         raise
     finally:
         bar.close()
     counts = writer.finish()
     complete = all((out / part_name(i, n_shards) / "part.json").exists() for i in range(n_shards))
-    result = FeaturizeResult(out, counts["tracks"], counts["done"], counts["failed"], time.perf_counter() - t0, complete)
-    log.info("%s: %d tracks featurized, %d failed (see failed.csv), %.1f s", out, result.done, result.failed,
-             result.seconds)
+    result = FeaturizeResult(out, counts["tracks"], counts["done"], counts["failed"], counts["silent"],
+                             time.perf_counter() - t0, complete)
+    log.info("%s: %d tracks featurized, %d failed (%d of them silent; see failed.csv), %.1f s", out, result.done,
+             result.failed, result.silent, result.seconds)
     return result
 
 
@@ -230,86 +279,8 @@ def _write_header(out: Path, header: StoreHeader) -> None:
     atomic_write_text(path, header.to_json())
 
 
-def _pool_map(jobs: list[tuple], n_workers: int, record, work=None) -> None:
-    """Run `work` (default: _work) on every job in `n_workers` processes and pass each result to `record`, in any order.
-
-    Jobs go to the workers CHUNK at a time, at most IN_FLIGHT_PER_WORKER chunks per worker.
-    A worker that dies (a decoder crashing on a corrupt file, the out-of-memory killer)
-    breaks the pool: the jobs it may have held are then run one by one in fresh processes,
-    the one that kills its process again is recorded as failed, and the job goes on.
-    """
-    work, queue, finished = work or _work, deque(jobs), [0]
-
-    def count(result: tuple) -> None:
-        finished[0] += 1
-        record(result)
-
-    while queue:
-        suspects, alone, crashed = _pool_until_broken(queue, n_workers, count, work), None, []
-        for job in suspects:
-            alone = alone or _executor(1)
-            try:
-                count(alone.submit(work, job).result())
-            except BrokenProcessPool:
-                alone.shutdown(wait=False)
-                alone = None
-                crashed.append(job)
-        if alone is not None:
-            alone.shutdown()
-        if crashed and finished[0] == 0:  # no process ever finished a clip: they cannot start
-            raise GenreclfError(
-                f"featurize's worker processes died on all of the {len(crashed)} clips they were given and "
-                "finished none; called from a script? put the call under `if __name__ == \"__main__\":` "
-                "(or check memory and the audio files)")
-        for job in crashed:
-            count((job[0], None, 0, f"{job[1]}: the decoder crashed (its process died); the file is "
-                                    "probably corrupt"))
-
-
-def _executor(n_workers: int) -> ProcessPoolExecutor:
-    # spawn: fork after torch/OpenMP start-up can deadlock
-    return ProcessPoolExecutor(n_workers, mp_context=mp.get_context("spawn"), initializer=_worker_init)
-
-
-CHUNK = 4  # clips per task: fewer round trips between the parent and its workers
-IN_FLIGHT_PER_WORKER = 2  # tasks queued per worker: decoded clips never pile up in the parent
-
-
-def _run_chunk(work, chunk: list[tuple]) -> list:
-    return [work(job) for job in chunk]
-
-
-def _pool_until_broken(queue: deque, n_workers: int, record, work) -> list:
-    """Work through `queue`; if the pool breaks, return the jobs that were in flight (else [])."""
-    in_flight: dict = {}
-    pool = _executor(n_workers)
-    try:
-        while queue or in_flight:
-            while queue and len(in_flight) < IN_FLIGHT_PER_WORKER * n_workers:
-                chunk = [queue.popleft() for _ in range(min(CHUNK, len(queue)))]
-                in_flight[pool.submit(_run_chunk, work, chunk)] = chunk
-            done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-            broken = []
-            for future in done:
-                chunk = in_flight.pop(future)
-                try:
-                    results = future.result()
-                except BrokenProcessPool:
-                    broken += chunk
-                    continue
-                for result in results:
-                    record(result)
-            if broken:
-                suspects = broken + [job for chunk in in_flight.values() for job in chunk]
-                log.warning("a featurize worker died; re-running its %d clip(s) one by one", len(suspects))
-                return suspects
-        return []
-    finally:
-        pool.shutdown(wait=not in_flight, cancel_futures=True)
-
-
 def _run(jobs: list[tuple[int, str, float, bool]], writer: PartWriter, bar: tqdm, n_workers: int,
-         device: str | None, batch_size: int = 32) -> None:
+         device: str | None, clip_timeout: float, batch_size: int = 32) -> None:
     last_flush = time.monotonic()
     waves: list[tuple[int, np.ndarray, int]] = []  # decoded clips waiting for batched log-mel
 
@@ -322,12 +293,14 @@ def _run(jobs: list[tuple[int, str, float, bool]], writer: PartWriter, bar: tqdm
         bar.update(len(waves))
         waves.clear()
 
-    def record(result: tuple[int, np.ndarray | None, int, str]) -> None:
+    def record(result: Result) -> None:
         nonlocal last_flush
-        row, array, n_valid, reason = result
+        row, array, n_valid, reason, details = result
         if array is None:
             writer.fail(row, reason)
-            log.warning("%s", reason)
+            log.warning("%s: %s", writer.plan.at[row, "path"], reason)
+            if details:
+                log.debug("%s: the decoders said: %s", writer.plan.at[row, "path"], details)
             bar.update(1)
         elif device is not None:
             waves.append((row, array, n_valid))
@@ -340,6 +313,6 @@ def _run(jobs: list[tuple[int, str, float, bool]], writer: PartWriter, bar: tqdm
             writer.flush()
             last_flush = time.monotonic()
 
-    _pool_map(jobs, n_workers, record)
+    pool_map(jobs, n_workers, record, _work, _failed_job, timeout=clip_timeout, init=_worker_init)
     if waves:
         flush_batch()

@@ -12,7 +12,8 @@ import pytest
 from conftest import write_bad_files
 from genreclf import audio
 from genreclf.errors import GenreclfError
-from genreclf.features import FeatureStore, featurize, featurize_file
+from genreclf.featurize import featurize, featurize_file
+from genreclf.store import FeatureStore
 from genreclf.metadata import audio_path, load_fma
 from genreclf.mel import log_mel, pad_or_trim
 
@@ -143,10 +144,19 @@ def test_wrong_audio_folder_or_device_stops_before_any_work(corpus, tmp_path):
 
 def crash_on_track_3(job):
     """A featurize worker that dies on one file, as a decoder crashing on a corrupt MP3 would."""
-    from genreclf.features import _work
+    from genreclf.featurize import _work
 
     if job[1].endswith("003.mp3"):
         os._exit(1)
+    return _work(job)
+
+
+def hang_on_track_3(job):
+    """A featurize worker whose decoder never returns on one file."""
+    from genreclf.featurize import _work
+
+    if job[1].endswith("003.mp3"):
+        time.sleep(3600)
     return _work(job)
 
 
@@ -156,29 +166,35 @@ def always_die(job):
 
 
 def test_workers_that_never_finish_a_clip_stop_the_job(corpus):
-    from genreclf.features import _pool_map
+    from genreclf.featurize import _failed_job
+    from genreclf.pool import pool_map
 
     paths = sorted((corpus / "fma_large").rglob("*.mp3"))[:3]
     recorded = []
-    with pytest.raises(GenreclfError, match="died on all of the 3 clips"):
-        _pool_map([(row, str(p), 1.0, False) for row, p in enumerate(paths)], 1, recorded.append, work=always_die)
+    with pytest.raises(GenreclfError, match="died 3 times before finishing a single file"):
+        pool_map([(row, str(p), 1.0, False) for row, p in enumerate(paths)], 1, recorded.append, always_die,
+                 _failed_job)
     assert recorded == []  # nothing blamed on the files: they stay pending for the next run
 
 
-def test_a_worker_that_dies_fails_its_clip_and_the_job_goes_on(corpus, store_dir):
-    from genreclf.features import _pool_map
+@pytest.mark.parametrize("work, reason", [(crash_on_track_3, "decoder crashed"), (hang_on_track_3, "timed out")])
+def test_a_worker_that_dies_or_hangs_fails_its_clip_and_the_job_goes_on(corpus, store_dir, work, reason):
+    from genreclf.featurize import _failed_job
+    from genreclf.pool import pool_map
 
     paths = sorted((corpus / "fma_large").rglob("*.mp3"))[:10]
     assert sum(p.name.endswith("003.mp3") for p in paths) == 1
     jobs = [(row, str(p), 1.0, False) for row, p in enumerate(paths)]
     results = {}
-    _pool_map(jobs, 2, lambda r: results.setdefault(r[0], r), work=crash_on_track_3)
+    t0 = time.monotonic()
+    pool_map(jobs, 2, lambda r: results.setdefault(r[0], r), work, _failed_job, timeout=3.0)
+    assert time.monotonic() - t0 < 60  # the hung clip cost its timeout, not the job
     assert sorted(results) == list(range(10))  # every clip exactly once, none lost with the dead worker
-    crashed = [row for row, (_, array, _, reason) in results.items() if array is None]
-    assert [paths[r].name for r in crashed] == ["000003.mp3"]
-    assert "decoder crashed" in results[crashed[0]][3]
+    failed = [row for row, (_, array, _, _, _) in results.items() if array is None]
+    assert [paths[r].name for r in failed] == ["000003.mp3"]
+    assert reason in results[failed[0]][3]
     store = FeatureStore.open(store_dir)
-    for row, (_, array, n_valid, _) in results.items():
+    for row, (_, array, n_valid, _, _) in results.items():
         if array is not None:
             np.testing.assert_array_equal(array, store.features(int(paths[row].stem)))
 

@@ -1,0 +1,169 @@
+"""A crash- and hang-tolerant process pool for per-file work (decoding, featurizing).
+
+Each worker is its own spawned process with its own pipe: the parent knows which job
+every worker is on and since when. A worker that dies (a decoder crashing on a corrupt
+file, the out-of-memory killer) costs only the job it was on; a worker that takes longer
+than `timeout` seconds on one job (a decoder that hangs) is killed and that job fails
+"timed out". Either way a fresh worker takes the remaining jobs and the run goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+
+from genreclf.errors import GenreclfError
+
+log = logging.getLogger(__name__)
+
+CHUNK = 4  # jobs per message: fewer round trips between the parent and its workers
+IN_FLIGHT_PER_WORKER = 2 * CHUNK  # jobs queued per worker: results never pile up in the parent
+DEFAULT_TIMEOUT = 60.0  # seconds one job may take (a 30-s clip takes ~0.05 s; see featurize.CLIP_TIMEOUT)
+_READY = "ready"
+
+
+def _worker_main(conn: Connection, work: Callable, init: Callable | None) -> None:
+    """Run jobs received on `conn` and send back (index, result) for each, in order."""
+    if init is not None:
+        init()
+    conn.send(_READY)
+    while True:
+        try:
+            chunk = conn.recv()
+        except EOFError:
+            return
+        if chunk is None:
+            return
+        for index, job in chunk:
+            conn.send((index, work(job)))
+
+
+@dataclass
+class _Worker:
+    process: mp.process.BaseProcess
+    conn: Connection
+    ready: bool = False
+    jobs: deque = field(default_factory=deque)  # (index, job) sent and not yet answered, in order
+    since: float = 0.0  # when the job at jobs[0] started (ready, or the previous answer)
+
+
+class _Pool:
+    def __init__(self, n_workers: int, work: Callable, init: Callable | None):
+        self.ctx = mp.get_context("spawn")  # fork after torch/OpenMP start-up can deadlock
+        self.work, self.init = work, init
+        self.workers = [self._start() for _ in range(n_workers)]
+
+    def _start(self) -> _Worker:
+        parent, child = self.ctx.Pipe()
+        process = self.ctx.Process(target=_worker_main, args=(child, self.work, self.init), daemon=True)
+        process.start()
+        child.close()
+        return _Worker(process, parent)
+
+    def replace(self, worker: _Worker) -> None:
+        """Kill `worker` and put a fresh process in its place."""
+        worker.process.kill()
+        worker.process.join(5)
+        worker.conn.close()
+        self.workers[self.workers.index(worker)] = self._start()
+
+    def close(self) -> None:
+        for worker in self.workers:
+            try:
+                worker.conn.send(None)
+            except OSError:
+                pass
+        deadline = time.monotonic() + 5
+        for worker in self.workers:
+            worker.process.join(max(0.0, deadline - time.monotonic()))
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join(1)
+            worker.conn.close()
+
+
+def pool_map(
+    jobs: list,
+    n_workers: int,
+    record: Callable[[object], None],
+    work: Callable,
+    failed: Callable[[object, str], object],
+    timeout: float = DEFAULT_TIMEOUT,
+    init: Callable | None = None,
+) -> None:
+    """Run `work(job)` for every job in `n_workers` processes and pass each result to `record`, in any order.
+
+    A job whose worker dies or exceeds `timeout` seconds is recorded as `failed(job, reason)`.
+    `work`, `failed` and `init` (run once in each new worker) must be importable functions.
+    Raises GenreclfError when workers keep dying before any job finishes (they cannot start).
+    """
+    queue = deque(enumerate(jobs))
+    pool = _Pool(max(1, min(n_workers, len(jobs) or 1)), work, init)
+    finished, deaths_before_any = 0, 0
+    try:
+        while queue or any(w.jobs for w in pool.workers):
+            now = time.monotonic()
+            for worker in pool.workers:  # keep every ready worker's pipe fed
+                while worker.ready and queue and len(worker.jobs) < IN_FLIGHT_PER_WORKER:
+                    chunk = [queue.popleft() for _ in range(min(CHUNK, len(queue)))]
+                    if not worker.jobs:
+                        worker.since = now
+                    worker.jobs.extend(chunk)
+                    worker.conn.send(chunk)
+            waits = [w.since + timeout - now for w in pool.workers if w.ready and w.jobs]
+            handles = {w.conn: w for w in pool.workers} | {w.process.sentinel: w for w in pool.workers}
+            ready = wait(list(handles), timeout=max(0.0, min(waits)) if waits else 30.0)
+            for handle in ready:
+                worker = handles[handle]
+                if worker not in pool.workers:  # already replaced in this round
+                    continue
+                try:
+                    while worker.conn.poll():
+                        message = worker.conn.recv()
+                        if message == _READY:
+                            worker.ready, worker.since = True, time.monotonic()
+                            continue
+                        index, result = message
+                        worker.jobs.popleft()
+                        worker.since = time.monotonic()
+                        finished += 1
+                        record(result)
+                except (EOFError, OSError):
+                    pass
+                if not worker.process.is_alive():
+                    if finished == 0:  # nothing has worked yet: the workers, not the files, may be at fault
+                        deaths_before_any += 1
+                        if deaths_before_any >= 3:
+                            raise GenreclfError(
+                                f"worker processes died {deaths_before_any} times before finishing a single file; "
+                                "called from a script? put the call under `if __name__ == \"__main__\":` "
+                                "(or check memory and the first files)")
+                        queue.extend(worker.jobs)  # tried again later, blamed only once something has worked
+                        worker.jobs.clear()
+                    else:
+                        _lose_current(worker, queue, record, failed,
+                                      "the decoder crashed (its process died); the file is probably corrupt")
+                    pool.replace(worker)
+            now = time.monotonic()
+            for worker in list(pool.workers):
+                if worker.ready and worker.jobs and now - worker.since > timeout:
+                    _lose_current(worker, queue, record, failed,
+                                  f"the decoder timed out (no result after {timeout:g} s)")
+                    pool.replace(worker)
+    finally:
+        pool.close()
+
+
+def _lose_current(worker: _Worker, queue: deque, record: Callable, failed: Callable, reason: str) -> None:
+    """Record the job `worker` was on as failed; put the jobs queued behind it back at the front."""
+    if worker.jobs:
+        _, job = worker.jobs.popleft()
+        log.warning("%s", reason)
+        record(failed(job, reason))
+    queue.extendleft(reversed(worker.jobs))
+    worker.jobs.clear()
