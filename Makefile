@@ -4,25 +4,42 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # The CPU build of PyTorch; for a GPU, see README ("GPU").
 TORCH  ?= torch==2.13.0
+# Pinned versions of everything installed (see the file's header; `make constraints` refreshes it).
+CONSTRAINTS ?= constraints.txt
 
-.PHONY: all setup test demo bench clean
+.PHONY: all setup test lint demo constraints clean
 
 all: test
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[test]"
 	touch $@
 
 setup: $(VENV)/.installed
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test: setup
 	$(PY) -m pytest -q
 
 demo: setup
 	$(VENV)/bin/genreclf demo --out demo_out
+
+# Newest releases that pyproject.toml allows, in a throw-away venv, frozen into constraints.txt.
+constraints:
+	rm -rf .venv-constraints
+	$(PYTHON) -m venv .venv-constraints
+	.venv-constraints/bin/pip install -q --upgrade pip
+	.venv-constraints/bin/pip install -q "$(TORCH)"
+	.venv-constraints/bin/pip install -q -e ".[test]"
+	( sed -n '/^#/p' $(CONSTRAINTS); .venv-constraints/bin/pip freeze --exclude-editable | sed 's/+cpu//' ) > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
+	rm -rf .venv-constraints
 
 clean:
 	rm -rf $(VENV) demo_out build dist src/*.egg-info

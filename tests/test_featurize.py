@@ -137,9 +137,102 @@ def test_wrong_audio_folder_or_device_stops_before_any_work(corpus, tmp_path):
         featurize(corpus, tmp_path / "a", audio_dir=corpus / "fma_lagre", progress=False)
     with pytest.raises(GenreclfError, match="none of the first 30 audio files exists"):
         featurize(corpus, tmp_path / "b", audio_dir=corpus / "fma_metadata", progress=False)
-    assert not (tmp_path / "b" / "part-0-of-1" / "part.json").exists()  # no store of 30 failures
     with pytest.raises(GenreclfError, match="cannot use --device bogus"):
         featurize(corpus, tmp_path / "c", device="bogus", progress=False)
+    # Validated before anything is allocated: a refused run leaves no store and no features file behind.
+    assert not any((tmp_path / name).exists() for name in "abc")
+
+
+def test_a_refused_run_keeps_what_was_there(corpus, store_dir, tmp_path):
+    before = {p: p.stat().st_mtime_ns for p in store_dir.rglob("*")}
+    with pytest.raises(GenreclfError, match="other options"):
+        featurize(corpus, store_dir, labels="genres_all", progress=False)
+    assert {p: p.stat().st_mtime_ns for p in store_dir.rglob("*")} == before
+    out = tmp_path / "empty_folder_of_the_user"
+    out.mkdir()
+    with pytest.raises(GenreclfError, match="none of the first"):
+        featurize(corpus, out, audio_dir=corpus / "fma_metadata", progress=False)
+    assert out.is_dir() and not any(out.iterdir())  # the user's folder stays, nothing inside it
+
+
+def test_workers_that_cannot_start_leave_no_store(corpus, tmp_path):
+    # A script without `if __name__ == "__main__":` makes every spawned worker die at start-up.
+    script = tmp_path / "no_main_guard.py"
+    script.write_text("from genreclf.featurize import featurize\n"
+                      f"featurize({str(corpus)!r}, {str(tmp_path / 's')!r}, workers=1, progress=False)\n")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    assert "before finishing a single file" in run.stderr and '__name__ == "__main__"' in run.stderr
+    assert not (tmp_path / "s").exists()  # the features file (25 GB for fma_large) is not left behind
+
+
+def _write_level(path, dbfs, seconds=3.0, rate=44100, noise=False):
+    """Write an MP3 whose RMS level is `dbfs` (a tone, or white noise); -inf writes digital silence."""
+    n = int(seconds * rate)
+    if dbfs == float("-inf"):
+        x = np.zeros(n, np.float32)
+    else:
+        rng = np.random.default_rng(3)
+        x = rng.standard_normal(n) if noise else np.sin(2 * np.pi * 330 * np.arange(n) / rate)
+        x = (x / np.sqrt(np.mean(x**2)) * 10 ** (dbfs / 20)).astype(np.float32)
+    import soundfile as sf
+
+    sf.write(path, np.stack([x, x], 1), rate, format="MP3", subtype="MPEG_LAYER_III")
+
+
+def test_silent_clips_are_failed_as_silent_and_counted(corpus, tmp_path):
+    data = _copy_corpus(corpus, tmp_path)
+    ids = load_fma(data / "fma_metadata").track_ids
+    _write_level(audio_path(data / "fma_large", ids[0]), float("-inf"))  # digital silence
+    _write_level(audio_path(data / "fma_large", ids[1]), -75.0, noise=True)  # a noise floor: near-silent
+    _write_level(audio_path(data / "fma_large", ids[2]), -45.0)  # quiet but audible: kept
+    result = featurize(data, tmp_path / "store", workers=2, progress=False)
+    assert (result.done, result.failed, result.silent) == (28, 2, 2)
+    store = FeatureStore.open(tmp_path / "store")
+    reasons = dict(zip(store.failed["track_id"], store.failed["reason"]))
+    assert set(reasons) == {int(ids[0]), int(ids[1])}
+    assert all(r.startswith("silent (RMS level") and str(audio_path(data / "fma_large", 0)) not in r
+               for r in reasons.values())
+    assert int(ids[2]) in set(store.track_ids)
+    # --retry-failed tries them again, like any failure: still silent, still counted.
+    again = featurize(data, tmp_path / "store", workers=1, retry_failed=True, progress=False)
+    assert (again.done, again.failed, again.silent) == (28, 2, 2)
+
+
+def test_rms_level_and_silence_threshold():
+    t = np.arange(16000) / 16000
+    sine = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    assert audio.rms_dbfs(sine) == pytest.approx(20 * np.log10(0.5 / np.sqrt(2)), abs=1e-3)
+    assert audio.rms_dbfs(np.zeros(100, np.float32)) == float("-inf")
+    assert audio.is_silent(np.zeros(100, np.float32))
+    assert audio.is_silent(sine * 10 ** (-60 / 20))  # -69 dBFS RMS
+    assert not audio.is_silent(sine * 10 ** (-40 / 20))  # -49 dBFS RMS
+
+
+@pytest.mark.parametrize("env, shard", [
+    ({"SLURM_PROCID": "1", "SLURM_NTASKS": "4"}, (0, 1)),  # sbatch --ntasks=4 without srun: not a shard
+    ({"SLURM_PROCID": "1", "SLURM_NTASKS": "4", "SLURM_STEP_ID": "4294967294"}, (0, 1)),  # the batch step
+    ({"SLURM_PROCID": "1", "SLURM_NTASKS": "4", "SLURM_STEP_ID": "0"}, (1, 4)),  # srun's step 0
+    ({"RANK": "2", "WORLD_SIZE": "3", "SLURM_PROCID": "1", "SLURM_NTASKS": "4", "SLURM_STEP_ID": "0"}, (2, 3)),
+])
+def test_shard_from_env_trusts_slurm_only_under_srun(monkeypatch, env, shard):
+    from genreclf.featurize import shard_from_env
+
+    for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_ID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert shard_from_env() == shard
+
+
+def test_progress_in_a_log_file_is_lines_not_carriage_returns(corpus, tmp_path, capfd, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="genreclf"):
+        featurize(corpus, tmp_path / "store", workers=1, progress=True)
+    err = capfd.readouterr().err
+    assert "\r" not in err  # stderr is not a terminal under pytest: no bar redraws
+    assert any("featurize: 30/30 clip (100%)" in r.getMessage() and "ETA" in r.getMessage() for r in caplog.records)
 
 
 def crash_on_track_3(job):

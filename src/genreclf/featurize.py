@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from genreclf import audio, metadata
 from genreclf.audio import N_FRAMES, N_MELS, N_SAMPLES, SignalConfig
 from genreclf.errors import GenreclfError, first_line
 from genreclf.mel import log_mel, log_mel_batch, pad_or_trim, valid_frames
 from genreclf.pool import pool_map
+from genreclf.progress import progress_bar
 from genreclf.atomic import atomic_write_text
 from genreclf.store import PartWriter, StoreHeader, part_name
 
@@ -244,8 +244,7 @@ def featurize(
     n_workers = max(1, min(workers or default_workers(), len(jobs) or 1))
     log.info("featurizing %d of %d tracks (shard %d of %d) into %s with %d worker(s)%s", len(jobs), len(plan),
              k, n_shards, part_dir, n_workers, f", log-mel batched on {device}" if device else "")
-    bar = tqdm(total=len(plan), initial=len(plan) - len(jobs), unit="clip", desc="featurize",
-               disable=not progress, dynamic_ncols=True, smoothing=0.05)
+    bar = progress_bar(len(plan), len(plan) - len(jobs), "featurize", "clip", progress)
     try:
         _run(jobs, writer, bar, n_workers, device, clip_timeout)
     except BaseException:  # Ctrl-C included: keep every finished row for the next run ...
@@ -279,7 +278,7 @@ def _write_header(out: Path, header: StoreHeader) -> None:
     atomic_write_text(path, header.to_json())
 
 
-def _run(jobs: list[tuple[int, str, float, bool]], writer: PartWriter, bar: tqdm, n_workers: int,
+def _run(jobs: list[tuple[int, str, float, bool]], writer: PartWriter, bar, n_workers: int,
          device: str | None, clip_timeout: float, batch_size: int = 32) -> None:
     last_flush = time.monotonic()
     waves: list[tuple[int, np.ndarray, int]] = []  # decoded clips waiting for batched log-mel
