@@ -1,6 +1,7 @@
 """End to end through the command line: synth -> featurize -> train -> evaluate -> predict."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -230,3 +231,76 @@ def test_damaged_model_metadata_and_bad_waveforms_get_one_line_errors(pipeline, 
     tagger = Tagger.load(pipeline / "gru")
     with pytest.raises(GenreclfError, match="NaN or infinite"):
         tagger.predict(np.full(16000, np.nan, np.float32))
+
+
+
+
+
+def _help(capsys, *command: str) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--help"])
+    assert exit_.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # argparse wraps lines anywhere
+
+
+def test_defaults_are_the_librarys_own_and_help_shows_them(capsys):
+    from genreclf.cli import build_parser
+    from genreclf.featurize import CLIP_TIMEOUT, MIN_SECONDS
+    from genreclf.lightning_modules import PretrainConfig, TrainConfig
+    from genreclf.predict import CROP_FRAMES, N_CROPS
+    from genreclf.train import FitConfig
+
+    parse = build_parser().parse_args
+    fit, optim, pre = FitConfig(), TrainConfig(), PretrainConfig()
+    train = parse(["train", "--model", "gru", "--store", "s", "--out", "o"])
+    got = (train.epochs, train.batch_size, train.min_crop, train.max_crop, train.split, train.seed, train.workers,
+           train.early_stopping, train.pretrained, train.accelerator, train.devices)
+    assert got == (fit.epochs, fit.batch_size, fit.min_crop, fit.max_crop, fit.split, fit.seed, fit.workers,
+                   fit.early_stopping, fit.pretrained, fit.accelerator, fit.devices)
+    assert (train.lr, train.pos_weight, train.weight_decay, train.plateau_patience) == (
+        optim.lr, optim.pos_weight, optim.weight_decay, optim.plateau_patience)
+    pretrain = parse(["pretrain", "--store", "s", "--out", "o"])
+    assert (pretrain.lr, pretrain.mask_ratio, pretrain.plateau_patience) == (pre.lr, pre.mask_ratio,
+                                                                             pre.plateau_patience)
+    featurize = parse(["featurize", "--data", "d", "--out", "o"])
+    assert (featurize.min_seconds, featurize.clip_timeout) == (MIN_SECONDS, CLIP_TIMEOUT)
+    for command in (["evaluate", "m", "--store", "s"], ["predict", "m", "f"]):
+        args = parse(command)
+        assert (args.crop, args.crops) == (CROP_FRAMES, N_CROPS)
+
+    text = _help(capsys, "train").split(" options: ")[1]
+    for option, value in (("--lr LR", optim.lr), ("--plateau-patience PLATEAU_PATIENCE", optim.plateau_patience),
+                          ("--max-crop MAX_CROP", fit.max_crop), ("--devices DEVICES", fit.devices),
+                          ("--epochs EPOCHS", fit.epochs)):
+        after = text[text.index(option):]
+        assert after[:after.index(" --", 2)].endswith(f"(default: {value})"), option
+    assert f"(default: {pre.lr})" in _help(capsys, "pretrain")
+    assert f"(default: {CLIP_TIMEOUT})" in _help(capsys, "featurize")
+    assert f"(default: {N_CROPS})" in _help(capsys, "predict")
+    for command in ("synth", "featurize", "train", "evaluate", "predict", "report", "demo"):
+        text = _help(capsys, command)
+        assert "(default: None)" not in text and "(default: False)" not in text
+        assert re.search(r"\(default \d", text) is None, f"a hand-written default in `{command} --help`"
+
+
+def test_top_level_help_imports_neither_torch_nor_lightning():
+    code = ("import sys\nfrom genreclf.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted({'torch', 'lightning'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("command,hint", [
+    (["evaluate", "m", "--store", "s"], "for the test part use --part test"),
+    (["report", "run", "--out", "o"], "the report always scores the test part"),
+])
+def test_split_given_a_part_name_points_to_the_right_option(command, hint, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--split", "test"])
+    assert exit_.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+    assert errors == [f"genreclf {command[0]}: error: argument --split: 'test' is a part, not a split "
+                      f"(official or reference); {hint}"]
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--split", "nonsense"])
+    assert exit_.value.code == 2 and "invalid choice: 'nonsense'" in capsys.readouterr().err
