@@ -290,6 +290,30 @@ def test_top_level_help_imports_neither_torch_nor_lightning():
     assert out.splitlines()[-1] == "[]"
 
 
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_quiet_and_verbose_before_or_after_the_command(where):
+    from genreclf.cli import build_parser
+
+    command = ["featurize", "--data", "d", "--out", "o"]
+    for flag, quiet, verbose in (("-q", True, False), ("--quiet", True, False), ("-v", False, True),
+                                 ("--verbose", False, True)):
+        args = build_parser().parse_args([flag, *command] if where == "before" else [*command, flag])
+        assert (args.quiet, args.verbose) == (quiet, verbose), flag
+    args = build_parser().parse_args(command)
+    assert (args.quiet, args.verbose) == (False, False)
+    download = ["data", "download", "--subset", "small", "--to", "x"]  # a command of a command
+    assert build_parser().parse_args(["-q", *download] if where == "before" else [*download, "-q"]).quiet
+
+
+def test_quiet_after_the_command_hides_the_progress_bar(pipeline, tmp_path, capsys):
+    evaluate = ["evaluate", str(pipeline / "gru"), "--store", str(pipeline / "store"), "--crops", "1",
+                "--out", str(tmp_path / "metrics.json")]
+    assert main(evaluate) == 0
+    assert "predict" in capsys.readouterr().err  # tqdm's bar
+    assert main([*evaluate, "-q"]) == 0
+    assert "predict" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command,hint", [
     (["evaluate", "m", "--store", "s"], "for the test part use --part test"),
     (["report", "run", "--out", "o"], "the report always scores the test part"),

@@ -257,6 +257,7 @@ class _CommandParser(argparse.ArgumentParser):
     def _complete(self) -> None:
         if self._add_arguments is not None:
             add, self._add_arguments = self._add_arguments, None
+            _add_verbosity(self, argparse.SUPPRESS)  # -q/-v after the command too
             add(self)
 
     def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
