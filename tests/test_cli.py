@@ -328,3 +328,18 @@ def test_split_given_a_part_name_points_to_the_right_option(command, hint, capsy
     with pytest.raises(SystemExit) as exit_:
         main([*command, "--split", "nonsense"])
     assert exit_.value.code == 2 and "invalid choice: 'nonsense'" in capsys.readouterr().err
+
+
+def test_evaluate_whole_sequence(pipeline, tmp_path):
+    from genreclf.data import split_positions
+    from genreclf.evaluate import predict_store
+
+    out = tmp_path / "metrics.json"
+    assert main(["-q", "evaluate", str(pipeline / "gru"), "--store", str(pipeline / "store"), "--crops", "2",
+                 "--whole-sequence", "--out", str(out)]) == 0
+    whole = json.loads(out.read_text())["metrics_whole_sequence"]
+    assert all(0.0 <= whole[key] <= 1.0 for key in ("ap_weighted", "ap_micro", "ap_macro", "roc_auc_macro"))
+    store = FeatureStore.open(pipeline / "store")
+    model = ModelFile.load(pipeline / "gru" / "model.safetensors").model
+    expected = predict_store(model, store, split_positions(store, "test"), crop=None)
+    np.testing.assert_allclose(np.load(tmp_path / "predictions.npz")["scores_whole"], expected, rtol=1e-5)

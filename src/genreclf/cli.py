@@ -151,7 +151,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     out = args.out or (Path(args.model) if Path(args.model).is_dir() else Path(args.model).parent) / "metrics.json"
     result = evaluate(args.model, args.store, split=args.split, part=args.part, crop=args.crop,
-                      n_crops=args.crops, seed=args.seed, out=out, progress=not args.quiet)
+                      n_crops=args.crops, seed=args.seed, whole_sequence=args.whole_sequence, out=out,
+                      progress=not args.quiet)
     print(format_table([result]))
     print(f"metrics written to {out} (predictions in {Path(out).with_name('predictions.npz')})")
     return 0
@@ -440,8 +441,8 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
     from genreclf.metadata import SPLITS as PARTS
 
     p.description = (
-        "Predict every track of a split (mean over evenly spaced crops, and over the whole sequence) "
-        "and compute the reference's positively weighted AP, micro AP, macro AP and macro ROC-AUC, "
+        "Predict every track of a split (mean over evenly spaced crops, and with --whole-sequence over the whole "
+        "sequence too) and compute the reference's positively weighted AP, micro AP, macro AP and macro ROC-AUC, "
         "each with the score of a prior-only predictor, plus FMA's top-level genre accuracy. Writes metrics.json "
         "and predictions.npz.")
     p.add_argument("model", help="model.safetensors (or the run folder holding it)")
@@ -452,6 +453,8 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crop", type=_positive_int, default=_default(evaluate, "crop"), help="crop length in frames")
     p.add_argument("--crops", type=_positive_int, default=_default(evaluate, "n_crops"),
                    help="evenly spaced crops per track")
+    p.add_argument("--whole-sequence", action="store_true",
+                   help="also score each whole sequence at once (metrics_whole_sequence in metrics.json)")
     p.add_argument("--seed", type=int, default=_default(evaluate, "seed"),
                    help="seed of the reference split (default: the model's training seed)")
     p.add_argument("--out", type=Path, default=None, help="metrics file (default: beside the model)")
