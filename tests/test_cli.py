@@ -1,5 +1,7 @@
 """End to end through the command line: synth -> featurize -> train -> evaluate -> predict."""
 
+import csv
+import io
 import json
 import re
 import signal
@@ -343,3 +345,45 @@ def test_evaluate_whole_sequence(pipeline, tmp_path):
     model = ModelFile.load(pipeline / "gru" / "model.safetensors").model
     expected = predict_store(model, store, split_positions(store, "test"), crop=None)
     np.testing.assert_allclose(np.load(tmp_path / "predictions.npz")["scores_whole"], expected, rtol=1e-5)
+
+
+def _predict_inputs(real_mp3, tmp_path):
+    """Return a real FMA track, a broken file and a folder without audio, as command-line arguments."""
+    bad = write_bad_files(tmp_path / "bad")["random"]
+    empty = tmp_path / "no_audio"
+    empty.mkdir()
+    return [str(real_mp3), str(bad), str(empty)]
+
+
+def test_predict_csv(pipeline, real_mp3, tmp_path, capsys):
+    inputs = _predict_inputs(real_mp3, tmp_path)
+    assert main(["predict", str(pipeline / "transformer"), *inputs, "--format", "csv", "--top", "3"]) == 1
+    out, err = capsys.readouterr()
+    rows = list(csv.reader(io.StringIO(out)))
+    assert rows[0] == ["file", "rank", "genre", "probability", "error"]
+    top = Tagger.load(pipeline / "transformer").predict(real_mp3).top(3)
+    good = [r for r in rows[1:] if r[0] == str(real_mp3)]
+    assert [(r[1], r[2], r[4]) for r in good] == [(str(k), g, "") for k, (g, _) in enumerate(top, 1)]
+    np.testing.assert_allclose([float(r[3]) for r in good], [p for _, p in top], atol=5e-5)
+    errors = rows[1 + len(good):]
+    assert [r[0] for r in errors] == inputs[1:] and all(r[1:4] == ["", "", ""] for r in errors)
+    assert "cannot decode" in errors[0][4] and "no audio files found" in errors[1][4]
+    assert "2 input(s) could not be tagged" in err
+
+
+def test_predict_table(pipeline, real_mp3, tmp_path, capsys):
+    inputs = _predict_inputs(real_mp3, tmp_path)
+    assert main(["predict", str(pipeline / "gru"), *inputs, "--top", "4"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    top = Tagger.load(pipeline / "gru").predict(real_mp3).top(4)
+    assert lines[0] == str(real_mp3) and len(lines) == 1 + 4 + 2 * 2
+    for line, (genre, p) in zip(lines[1:5], top):
+        assert re.fullmatch(r"   [01]\.\d{3}  \S.*", line), line
+        shown, name = line.split(None, 1)
+        assert name == genre and abs(float(shown) - p) <= 6e-4
+    assert lines[5:] == [inputs[1], lines[6], inputs[2], lines[8]]
+    assert lines[6].startswith("  error: ") and "cannot decode" in lines[6]
+    assert lines[8].startswith("  error: ") and "no audio files found" in lines[8]
+    assert main(["predict", str(pipeline / "gru"), str(real_mp3)]) == 0  # nothing failed
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0] == str(real_mp3) and len(out.splitlines()) == 6 and err == ""
