@@ -1,6 +1,9 @@
 """End to end through the command line: synth -> featurize -> train -> evaluate -> predict."""
 
+import csv
+import io
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -230,3 +233,157 @@ def test_damaged_model_metadata_and_bad_waveforms_get_one_line_errors(pipeline, 
     tagger = Tagger.load(pipeline / "gru")
     with pytest.raises(GenreclfError, match="NaN or infinite"):
         tagger.predict(np.full(16000, np.nan, np.float32))
+
+
+
+
+
+def _help(capsys, *command: str) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--help"])
+    assert exit_.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # argparse wraps lines anywhere
+
+
+def test_defaults_are_the_librarys_own_and_help_shows_them(capsys):
+    from genreclf.cli import build_parser
+    from genreclf.featurize import CLIP_TIMEOUT, MIN_SECONDS
+    from genreclf.lightning_modules import PretrainConfig, TrainConfig
+    from genreclf.predict import CROP_FRAMES, N_CROPS
+    from genreclf.train import FitConfig
+
+    parse = build_parser().parse_args
+    fit, optim, pre = FitConfig(), TrainConfig(), PretrainConfig()
+    train = parse(["train", "--model", "gru", "--store", "s", "--out", "o"])
+    got = (train.epochs, train.batch_size, train.min_crop, train.max_crop, train.split, train.seed, train.workers,
+           train.early_stopping, train.pretrained, train.accelerator, train.devices)
+    assert got == (fit.epochs, fit.batch_size, fit.min_crop, fit.max_crop, fit.split, fit.seed, fit.workers,
+                   fit.early_stopping, fit.pretrained, fit.accelerator, fit.devices)
+    assert (train.lr, train.pos_weight, train.weight_decay, train.plateau_patience) == (
+        optim.lr, optim.pos_weight, optim.weight_decay, optim.plateau_patience)
+    pretrain = parse(["pretrain", "--store", "s", "--out", "o"])
+    assert (pretrain.lr, pretrain.mask_ratio, pretrain.plateau_patience) == (pre.lr, pre.mask_ratio,
+                                                                             pre.plateau_patience)
+    featurize = parse(["featurize", "--data", "d", "--out", "o"])
+    assert (featurize.min_seconds, featurize.clip_timeout) == (MIN_SECONDS, CLIP_TIMEOUT)
+    for command in (["evaluate", "m", "--store", "s"], ["predict", "m", "f"]):
+        args = parse(command)
+        assert (args.crop, args.crops) == (CROP_FRAMES, N_CROPS)
+
+    text = _help(capsys, "train").split(" options: ")[1]
+    for option, value in (("--lr LR", optim.lr), ("--plateau-patience PLATEAU_PATIENCE", optim.plateau_patience),
+                          ("--max-crop MAX_CROP", fit.max_crop), ("--devices DEVICES", fit.devices),
+                          ("--epochs EPOCHS", fit.epochs)):
+        after = text[text.index(option):]
+        assert after[:after.index(" --", 2)].endswith(f"(default: {value})"), option
+    assert f"(default: {pre.lr})" in _help(capsys, "pretrain")
+    assert f"(default: {CLIP_TIMEOUT})" in _help(capsys, "featurize")
+    assert f"(default: {N_CROPS})" in _help(capsys, "predict")
+    for command in ("synth", "featurize", "train", "evaluate", "predict", "report", "demo"):
+        text = _help(capsys, command)
+        assert "(default: None)" not in text and "(default: False)" not in text
+        assert re.search(r"\(default \d", text) is None, f"a hand-written default in `{command} --help`"
+
+
+def test_top_level_help_imports_neither_torch_nor_lightning():
+    code = ("import sys\nfrom genreclf.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted({'torch', 'lightning'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_quiet_and_verbose_before_or_after_the_command(where):
+    from genreclf.cli import build_parser
+
+    command = ["featurize", "--data", "d", "--out", "o"]
+    for flag, quiet, verbose in (("-q", True, False), ("--quiet", True, False), ("-v", False, True),
+                                 ("--verbose", False, True)):
+        args = build_parser().parse_args([flag, *command] if where == "before" else [*command, flag])
+        assert (args.quiet, args.verbose) == (quiet, verbose), flag
+    args = build_parser().parse_args(command)
+    assert (args.quiet, args.verbose) == (False, False)
+    download = ["data", "download", "--subset", "small", "--to", "x"]  # a command of a command
+    assert build_parser().parse_args(["-q", *download] if where == "before" else [*download, "-q"]).quiet
+
+
+def test_quiet_after_the_command_hides_the_progress_bar(pipeline, tmp_path, capsys):
+    evaluate = ["evaluate", str(pipeline / "gru"), "--store", str(pipeline / "store"), "--crops", "1",
+                "--out", str(tmp_path / "metrics.json")]
+    assert main(evaluate) == 0
+    assert "predict" in capsys.readouterr().err  # tqdm's bar
+    assert main([*evaluate, "-q"]) == 0
+    assert "predict" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command,hint", [
+    (["evaluate", "m", "--store", "s"], "for the test part use --part test"),
+    (["report", "run", "--out", "o"], "the report always scores the test part"),
+])
+def test_split_given_a_part_name_points_to_the_right_option(command, hint, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--split", "test"])
+    assert exit_.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+    assert errors == [f"genreclf {command[0]}: error: argument --split: 'test' is a part, not a split "
+                      f"(official or reference); {hint}"]
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--split", "nonsense"])
+    assert exit_.value.code == 2 and "invalid choice: 'nonsense'" in capsys.readouterr().err
+
+
+def test_evaluate_whole_sequence(pipeline, tmp_path):
+    from genreclf.data import split_positions
+    from genreclf.evaluate import predict_store
+
+    out = tmp_path / "metrics.json"
+    assert main(["-q", "evaluate", str(pipeline / "gru"), "--store", str(pipeline / "store"), "--crops", "2",
+                 "--whole-sequence", "--out", str(out)]) == 0
+    whole = json.loads(out.read_text())["metrics_whole_sequence"]
+    assert all(0.0 <= whole[key] <= 1.0 for key in ("ap_weighted", "ap_micro", "ap_macro", "roc_auc_macro"))
+    store = FeatureStore.open(pipeline / "store")
+    model = ModelFile.load(pipeline / "gru" / "model.safetensors").model
+    expected = predict_store(model, store, split_positions(store, "test"), crop=None)
+    np.testing.assert_allclose(np.load(tmp_path / "predictions.npz")["scores_whole"], expected, rtol=1e-5)
+
+
+def _predict_inputs(real_mp3, tmp_path):
+    """Return a real FMA track, a broken file and a folder without audio, as command-line arguments."""
+    bad = write_bad_files(tmp_path / "bad")["random"]
+    empty = tmp_path / "no_audio"
+    empty.mkdir()
+    return [str(real_mp3), str(bad), str(empty)]
+
+
+def test_predict_csv(pipeline, real_mp3, tmp_path, capsys):
+    inputs = _predict_inputs(real_mp3, tmp_path)
+    assert main(["predict", str(pipeline / "transformer"), *inputs, "--format", "csv", "--top", "3"]) == 1
+    out, err = capsys.readouterr()
+    rows = list(csv.reader(io.StringIO(out)))
+    assert rows[0] == ["file", "rank", "genre", "probability", "error"]
+    top = Tagger.load(pipeline / "transformer").predict(real_mp3).top(3)
+    good = [r for r in rows[1:] if r[0] == str(real_mp3)]
+    assert [(r[1], r[2], r[4]) for r in good] == [(str(k), g, "") for k, (g, _) in enumerate(top, 1)]
+    np.testing.assert_allclose([float(r[3]) for r in good], [p for _, p in top], atol=5e-5)
+    errors = rows[1 + len(good):]
+    assert [r[0] for r in errors] == inputs[1:] and all(r[1:4] == ["", "", ""] for r in errors)
+    assert "cannot decode" in errors[0][4] and "no audio files found" in errors[1][4]
+    assert "2 input(s) could not be tagged" in err
+
+
+def test_predict_table(pipeline, real_mp3, tmp_path, capsys):
+    inputs = _predict_inputs(real_mp3, tmp_path)
+    assert main(["predict", str(pipeline / "gru"), *inputs, "--top", "4"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    top = Tagger.load(pipeline / "gru").predict(real_mp3).top(4)
+    assert lines[0] == str(real_mp3) and len(lines) == 1 + 4 + 2 * 2
+    for line, (genre, p) in zip(lines[1:5], top):
+        assert re.fullmatch(r"   [01]\.\d{3}  \S.*", line), line
+        shown, name = line.split(None, 1)
+        assert name == genre and abs(float(shown) - p) <= 6e-4
+    assert lines[5:] == [inputs[1], lines[6], inputs[2], lines[8]]
+    assert lines[6].startswith("  error: ") and "cannot decode" in lines[6]
+    assert lines[8].startswith("  error: ") and "no audio files found" in lines[8]
+    assert main(["predict", str(pipeline / "gru"), str(real_mp3)]) == 0  # nothing failed
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0] == str(real_mp3) and len(out.splitlines()) == 6 and err == ""

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from genreclf import __version__
 from genreclf.errors import GenreclfError
@@ -148,7 +151,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     out = args.out or (Path(args.model) if Path(args.model).is_dir() else Path(args.model).parent) / "metrics.json"
     result = evaluate(args.model, args.store, split=args.split, part=args.part, crop=args.crop,
-                      n_crops=args.crops, seed=args.seed, out=out, progress=not args.quiet)
+                      n_crops=args.crops, seed=args.seed, whole_sequence=args.whole_sequence, out=out,
+                      progress=not args.quiet)
     print(format_table([result]))
     print(f"metrics written to {out} (predictions in {Path(out).with_name('predictions.npz')})")
     return 0
@@ -220,6 +224,306 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # --- parser ---------------------------------------------------------------------------------
+# Every default is read from the dataclass field or the function parameter that owns it: the
+# command runs with it and --help shows it. Reading one imports its module (train.py imports
+# Lightning), so a command's arguments are only added once that command is parsed or asked for help.
+
+
+def _default(owner: Callable[..., Any], name: str) -> Any:
+    """Return the default of parameter `name` of a function, or of field `name` of a dataclass."""
+    default = inspect.signature(owner).parameters[name].default
+    if default is inspect.Parameter.empty:
+        raise TypeError(f"{owner.__qualname__}({name}) has no default")
+    return default
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except for flags and options whose default is None (the help says why)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.nargs == 0:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """A command's parser that adds its arguments (`add_arguments(self)`) the first time it is used."""
+
+    def __init__(self, *args: Any, add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+                 **kwargs: Any):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+        self._add_arguments = add_arguments
+
+    def _complete(self) -> None:
+        if self._add_arguments is not None:
+            add, self._add_arguments = self._add_arguments, None
+            _add_verbosity(self, argparse.SUPPRESS)  # -q/-v after the command too
+            add(self)
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        self._complete()
+        return super().parse_known_args(args, namespace)
+
+    def format_usage(self) -> str:
+        self._complete()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self._complete()
+        return super().format_help()
+
+
+def _add_verbosity(p: argparse.ArgumentParser, default: bool | str) -> None:
+    """Add -q/--quiet and -v/--verbose (a command's default is SUPPRESS: it keeps what the top level parsed)."""
+    p.add_argument("-q", "--quiet", action="store_true", default=default, help="no progress bars, warnings only")
+    p.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging")
+
+
+def _add_split(p: argparse.ArgumentParser, default: str | None, help_text: str, hint: str) -> None:
+    """Add --split; a part name given to it (FMA calls its parts splits) is answered with `hint`."""
+    from genreclf.data import SPLITS
+    from genreclf.metadata import SPLITS as PARTS  # FMA's own word for training/validation/test
+
+    def split(text: str) -> str:
+        if text in PARTS:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is a part, not a split ({' or '.join(SPLITS)}); {hint.format(part=text)}")
+        return text
+
+    p.add_argument("--split", type=split, choices=SPLITS, default=default, help=help_text)
+
+
+def _add_synth(p: argparse.ArgumentParser) -> None:
+    from genreclf.synth import make_corpus
+
+    p.description = (
+        "Write a synthetic corpus in FMA's exact layout and formats: OUT/fma_metadata/tracks.csv, "
+        "OUT/fma_metadata/genres.csv and 44.1 kHz stereo MP3s at OUT/fma_large/AAA/AAABBB.mp3. "
+        "Each genre has an acoustic signature, so a working pipeline learns it and a broken one does not.")
+    p.add_argument("out", type=Path, help="output folder")
+    p.add_argument("--tracks", type=_positive_int, default=200, help="number of tracks")
+    p.add_argument("--seconds", type=_positive_float, default=_default(make_corpus, "seconds"),
+                   help="clip length in seconds")
+    p.add_argument("--seed", type=int, default=_default(make_corpus, "seed"),
+                   help="random seed; the same seed writes the same corpus")
+    p.add_argument("--workers", type=_positive_int, default=_default(make_corpus, "workers"),
+                   help="encoder processes (default: all cores)")
+    p.set_defaults(func=cmd_synth)
+
+
+def _add_data(p: argparse.ArgumentParser) -> None:
+    p.description = "Commands that fetch the FMA dataset."
+    data_sub = p.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
+    data_sub.add_parser("download", help="download, verify and unzip FMA's archives (resumable)",
+                        add_arguments=_add_download)
+
+
+def _add_download(p: argparse.ArgumentParser) -> None:
+    from genreclf.download import SUBSETS, download
+
+    p.description = (
+        "Fetch FMA's official archives (fma_metadata.zip, and fma_SUBSET.zip for an audio subset), "
+        "resuming partial downloads, checking the SHA-1 checksums FMA publishes, and unzipping them into TO "
+        "(the layout `genreclf featurize --data TO` reads). Sizes: metadata 342 MiB, small 7.2 GiB, "
+        "medium 22 GiB, large 93 GiB, full 879 GiB.")
+    p.add_argument("--subset", choices=SUBSETS, required=True,
+                   help="what to fetch; an audio subset also fetches the metadata")
+    p.add_argument("--to", type=Path, required=True, help="folder for the archives and the unzipped data")
+    p.add_argument("--url", default=_default(download, "base_url"), help="base URL of the archives")
+    p.add_argument("--delete-archives", action="store_true", help="delete each archive once it is unzipped")
+    p.set_defaults(func=cmd_download)
+
+
+def _add_featurize(p: argparse.ArgumentParser) -> None:
+    from genreclf.featurize import featurize
+
+    p.description = (
+        "Decode every track of an FMA-layout corpus (DATA/fma_metadata + DATA/fma_large/AAA/AAABBB.mp3), "
+        "compute 128-band log-mel spectrograms (30 s, 938 frames) and write them to a memory-mapped float16 store. "
+        "Undecodable files are listed in STORE/part-*/failed.csv and the job goes on; an interrupted run resumes "
+        "when the same command is run again.")
+    p.add_argument("--data", type=Path, required=True, help="corpus folder holding fma_metadata/ and the audio")
+    p.add_argument("--out", type=Path, required=True, help="store folder to write (or to resume)")
+    p.add_argument("--subset", choices=["small", "medium", "large", "full"], default=_default(featurize, "subset"),
+                   help="FMA subset to featurize (default: every track in tracks.csv)")
+    p.add_argument("--labels", choices=["genres", "genres_all"], default=_default(featurize, "labels"),
+                   help="targets from the track's own genres (reference recipe) or with their ancestors")
+    p.add_argument("--audio", type=Path, default=_default(featurize, "audio_dir"),
+                   help="audio folder (default: DATA/fma_large, else fma_medium, fma_small, fma_full)")
+    p.add_argument("--workers", type=_positive_int, default=_default(featurize, "workers"),
+                   help="decoder processes (default: all cores)")
+    p.add_argument("--shard", type=_shard, default=_default(featurize, "shard"), metavar="K/N",
+                   help="featurize part K of N (0-based) into its own part of the store; under torchrun or "
+                   "SLURM the default is RANK/WORLD_SIZE")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="try the tracks listed in failed.csv again (after fixing or restoring their files)")
+    p.add_argument("--device", default=_default(featurize, "device"),
+                   help="batch the log-mel on this torch device (default: cuda if present, else one clip per "
+                   "CPU worker)")
+    p.add_argument("--min-seconds", type=_positive_float, default=_default(featurize, "min_seconds"),
+                   help="clips shorter than this are recorded as failed")
+    p.add_argument("--clip-timeout", type=_positive_float, default=_default(featurize, "clip_timeout"),
+                   metavar="SECONDS", help="a clip whose decoder gives no result in this time is recorded as failed")
+    p.set_defaults(func=cmd_featurize)
+
+
+def _add_train(p: argparse.ArgumentParser) -> None:
+    from genreclf.lightning_modules import TrainConfig
+    from genreclf.train import FitConfig
+
+    p.description = (
+        "Train on the store's training split with random 128-256-frame crops and a positively "
+        "weighted binary cross-entropy; the epoch with the lowest validation loss becomes "
+        "OUT/model.safetensors. Progress, losses per epoch (OUT/logs/metrics.csv) and an ETA are shown; "
+        "an interrupted run continues with --resume.")
+    p.add_argument("--model", choices=["gru", "transformer"], required=True, help="architecture")
+    p.add_argument("--lr", type=_positive_float, default=_default(TrainConfig, "lr"),
+                   help="Adam learning rate, as in the reference")
+    p.add_argument("--pos-weight", type=_positive_float, default=_default(TrainConfig, "pos_weight"),
+                   help="BCE weight of positive labels, as in the reference")
+    p.add_argument("--weight-decay", type=float, default=_default(TrainConfig, "weight_decay"),
+                   help="Adam L2 penalty")
+    p.add_argument("--pretrained", default=_default(FitConfig, "pretrained"),
+                   metavar="ENCODER", help="start the transformer from encoder.safetensors of `genreclf pretrain`")
+    _add_fit(p, TrainConfig)
+    p.set_defaults(func=cmd_train)
+
+
+def _add_pretrain(p: argparse.ArgumentParser) -> None:
+    from genreclf.lightning_modules import PretrainConfig
+
+    p.description = (
+        "Self-supervised pretraining: random spans of frames are masked and the Transformer "
+        "encoder learns to reconstruct them (no labels used). Writes OUT/encoder.safetensors for "
+        "`genreclf train --model transformer --pretrained`.")
+    p.add_argument("--lr", type=_positive_float, default=_default(PretrainConfig, "lr"), help="Adam learning rate")
+    p.add_argument("--mask-ratio", type=float, default=_default(PretrainConfig, "mask_ratio"),
+                   help="fraction of frames masked")
+    _add_fit(p, PretrainConfig)
+    p.set_defaults(func=cmd_pretrain)
+
+
+def _add_fit(p: argparse.ArgumentParser, optimiser: type) -> None:
+    """Add the arguments train and pretrain share: FitConfig's, and the plateau patience of `optimiser`."""
+    from genreclf.data import SPLITS
+    from genreclf.train import FitConfig
+
+    p.add_argument("--store", type=Path, required=True, help="feature store from `genreclf featurize`")
+    p.add_argument("--out", type=Path, required=True, help="run folder to write")
+    p.add_argument("--epochs", type=_positive_int, default=_default(FitConfig, "epochs"), help="maximum epochs")
+    p.add_argument("--batch-size", type=_positive_int, default=_default(FitConfig, "batch_size"),
+                   help="tracks per batch")
+    p.add_argument("--min-crop", type=_positive_int, default=_default(FitConfig, "min_crop"),
+                   help="shortest random crop, frames")
+    p.add_argument("--max-crop", type=_positive_int, default=_default(FitConfig, "max_crop"),
+                   help="longest random crop, frames (also the validation crop)")
+    p.add_argument("--split", choices=SPLITS, default=_default(FitConfig, "split"),
+                   help="FMA's artist-filtered split (official) or a random split like the reference's "
+                        "80/20: 20%% test, 8%% validation, 72%% training")
+    p.add_argument("--early-stopping", type=_count, default=_default(FitConfig, "early_stopping"),
+                   metavar="EPOCHS", help="stop after this many epochs without a better validation loss (0: never)")
+    p.add_argument("--plateau-patience", type=_positive_int, default=_default(optimiser, "plateau_patience"),
+                   help="epochs without improvement before the learning rate is divided by 10")
+    p.add_argument("--seed", type=int, default=_default(FitConfig, "seed"),
+                   help="random seed (weights, crops, reference split)")
+    p.add_argument("--workers", type=_count, default=_default(FitConfig, "workers"),
+                   help="data loader processes (0: none)")
+    p.add_argument("--accelerator", default=_default(FitConfig, "accelerator"),
+                   help="Lightning accelerator: auto, cpu, gpu")
+    p.add_argument("--devices", default=_default(FitConfig, "devices"),
+                   help="Lightning devices: auto, or a number of GPUs/processes (e.g. 4 for DDP)")
+    p.add_argument("--resume", action="store_true", help="continue OUT from its last checkpoint")
+
+
+def _add_evaluate(p: argparse.ArgumentParser) -> None:
+    from genreclf.evaluate import evaluate
+    from genreclf.metadata import SPLITS as PARTS
+
+    p.description = (
+        "Predict every track of a split (mean over evenly spaced crops, and with --whole-sequence over the whole "
+        "sequence too) and compute the reference's positively weighted AP, micro AP, macro AP and macro ROC-AUC, "
+        "each with the score of a prior-only predictor, plus FMA's top-level genre accuracy. Writes metrics.json "
+        "and predictions.npz.")
+    p.add_argument("model", help="model.safetensors (or the run folder holding it)")
+    p.add_argument("--store", type=Path, required=True, help="feature store to evaluate on")
+    _add_split(p, _default(evaluate, "split"), help_text="which split (default: the one the model was trained on)",
+               hint="for the {part} part use --part {part}")
+    p.add_argument("--part", choices=PARTS, default=_default(evaluate, "part"), help="which part of the split")
+    p.add_argument("--crop", type=_positive_int, default=_default(evaluate, "crop"), help="crop length in frames")
+    p.add_argument("--crops", type=_positive_int, default=_default(evaluate, "n_crops"),
+                   help="evenly spaced crops per track")
+    p.add_argument("--whole-sequence", action="store_true",
+                   help="also score each whole sequence at once (metrics_whole_sequence in metrics.json)")
+    p.add_argument("--seed", type=int, default=_default(evaluate, "seed"),
+                   help="seed of the reference split (default: the model's training seed)")
+    p.add_argument("--out", type=Path, default=None, help="metrics file (default: beside the model)")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def _add_predict(p: argparse.ArgumentParser) -> None:
+    from genreclf.predict import Prediction, Tagger
+
+    p.description = (
+        "Tag audio files or folders (walked for audio) of any length: each file is cut into 30-s "
+        "windows, each window scored over evenly spaced crops, and the windows averaged. A file that cannot be "
+        "read gets an error record; the others are still tagged, and the exit code is 1.")
+    p.add_argument("model", help="model.safetensors (or the run folder holding it)")
+    p.add_argument("inputs", nargs="+", type=Path, metavar="FILE_OR_DIR", help="audio files or folders")
+    p.add_argument("--top", type=_positive_int, default=_default(Prediction.top, "k"), help="genres to show per file")
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table", help="output format")
+    p.add_argument("--crop", type=_positive_int, default=_default(Tagger, "crop"), help="crop length in frames")
+    p.add_argument("--crops", type=_positive_int, default=_default(Tagger, "n_crops"), help="crops per 30-s window")
+    p.set_defaults(func=cmd_predict)
+
+
+def _add_report(p: argparse.ArgumentParser) -> None:
+    from genreclf.report import build_report
+
+    p.description = (
+        "Write OUT/report.md, report.json and PNG figures for one or more runs: each metric with its "
+        "chance level and a 95%% bootstrap interval over tracks, paired bootstrap differences between runs "
+        "evaluated on the same tracks, top-level genre accuracy, per-genre AP and ROC-AUC, precision-recall "
+        "curves, learning curves, and whole-sequence vs crop averaging. Runs are evaluated first where needed.")
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="run folders from `genreclf train`")
+    p.add_argument("--out", type=Path, required=True, help="folder for the report")
+    p.add_argument("--store", type=Path, default=_default(build_report, "store"),
+                   help="store to evaluate on (default: each run's own)")
+    _add_split(p, _default(build_report, "split"),
+               help_text="split to evaluate on (default: the one each run was trained on)",
+               hint="the report always scores the test part")
+    p.add_argument("--boot", type=_positive_int, default=_default(build_report, "n_boot"), help="bootstrap resamples")
+    p.add_argument("--pr-genre", action="append", default=_default(build_report, "pr_genres"), metavar="GENRE",
+                   help="genre for the precision-recall plot (repeatable; default: 3 most frequent + Hip-Hop)")
+    p.set_defaults(func=cmd_report)
+
+
+def _add_demo(p: argparse.ArgumentParser) -> None:
+    from genreclf.demo import run_demo
+
+    p.description = (
+        "Generate a small synthetic FMA-layout corpus, featurize it, train the GRU and the Transformer, "
+        "evaluate both on the test split, print a side-by-side table and the top-5 genres of a few files.")
+    p.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for everything")
+    p.add_argument("--tracks", type=_positive_int, default=_default(run_demo, "tracks"), help="tracks to generate")
+    p.add_argument("--seconds", type=_positive_float, default=_default(run_demo, "seconds"),
+                   help="clip length in seconds")
+    p.add_argument("--epochs", type=_positive_int, default=_default(run_demo, "epochs"),
+                   help="training epochs per model")
+    p.set_defaults(func=cmd_demo)
+
+
+COMMANDS: tuple[tuple[str, str, Callable[[argparse.ArgumentParser], None]], ...] = (
+    ("synth", "write a synthetic FMA-layout corpus (MP3 + tracks.csv + genres.csv)", _add_synth),
+    ("data", "get FMA: `genreclf data download`", _add_data),
+    ("featurize", "turn an FMA-layout corpus into a feature store", _add_featurize),
+    ("train", "train a GRU or Transformer tagger on a feature store", _add_train),
+    ("pretrain", "masked-frame pretraining of the Transformer encoder", _add_pretrain),
+    ("evaluate", "score a trained model on a split of a store", _add_evaluate),
+    ("predict", "print the top genres of audio files", _add_predict),
+    ("report", "compare trained runs: metrics with confidence intervals, figures", _add_report),
+    ("demo", "the whole pipeline on a generated corpus, in a few minutes", _add_demo),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,180 +534,10 @@ def build_parser() -> argparse.ArgumentParser:
         "featurize audio to log-mel spectrograms, train GRU and Transformer taggers, evaluate, predict.",
     )
     parser.add_argument("--version", action="version", version=f"genreclf {__version__}")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-
-    p = sub.add_parser(
-        "synth",
-        help="write a synthetic FMA-layout corpus (MP3 + tracks.csv + genres.csv)",
-        description="Write a synthetic corpus in FMA's exact layout and formats: OUT/fma_metadata/tracks.csv, "
-        "OUT/fma_metadata/genres.csv and 44.1 kHz stereo MP3s at OUT/fma_large/AAA/AAABBB.mp3. "
-        "Each genre has an acoustic signature, so a working pipeline learns it and a broken one does not.",
-    )
-    p.add_argument("out", type=Path, help="output folder")
-    p.add_argument("--tracks", type=_positive_int, default=200, help="number of tracks (default 200)")
-    p.add_argument("--seconds", type=_positive_float, default=30.0, help="clip length in seconds (default 30)")
-    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same corpus")
-    p.add_argument("--workers", type=_positive_int, default=None, help="encoder processes (default: all cores)")
-    p.set_defaults(func=cmd_synth)
-
-    data = sub.add_parser("data", help="get FMA: `genreclf data download`",
-                          description="Commands that fetch the FMA dataset.")
-    data_sub = data.add_subparsers(dest="data_command", metavar="COMMAND")
-    data_sub.required = True
-    p = data_sub.add_parser(
-        "download", help="download, verify and unzip FMA's archives (resumable)",
-        description="Fetch FMA's official archives (fma_metadata.zip, and fma_SUBSET.zip for an audio subset), "
-        "resuming partial downloads, checking the SHA-1 checksums FMA publishes, and unzipping them into TO "
-        "(the layout `genreclf featurize --data TO` reads). Sizes: metadata 342 MiB, small 7.2 GiB, "
-        "medium 22 GiB, large 93 GiB, full 879 GiB.",
-    )
-    p.add_argument("--subset", choices=["metadata", "small", "medium", "large", "full"], required=True,
-                   help="what to fetch; an audio subset also fetches the metadata")
-    p.add_argument("--to", type=Path, required=True, help="folder for the archives and the unzipped data")
-    p.add_argument("--url", default="https://os.unil.cloud.switch.ch/fma/", help="base URL of the archives")
-    p.add_argument("--delete-archives", action="store_true", help="delete each archive once it is unzipped")
-    p.set_defaults(func=cmd_download)
-
-    p = sub.add_parser(
-        "featurize",
-        help="turn an FMA-layout corpus into a feature store",
-        description="Decode every track of an FMA-layout corpus (DATA/fma_metadata + DATA/fma_large/AAA/AAABBB.mp3), "
-        "compute 128-band log-mel spectrograms (30 s, 938 frames) and write them to a memory-mapped float16 store. "
-        "Undecodable files are listed in STORE/part-*/failed.csv and the job goes on; an interrupted run resumes "
-        "when the same command is run again.",
-    )
-    p.add_argument("--data", type=Path, required=True, help="corpus folder holding fma_metadata/ and the audio")
-    p.add_argument("--out", type=Path, required=True, help="store folder to write (or to resume)")
-    p.add_argument("--subset", choices=["small", "medium", "large", "full"], default=None,
-                   help="FMA subset to featurize (default: every track in tracks.csv)")
-    p.add_argument("--labels", choices=["genres", "genres_all"], default="genres",
-                   help="targets from the track's own genres (reference recipe) or with their ancestors")
-    p.add_argument("--audio", type=Path, default=None,
-                   help="audio folder (default: DATA/fma_large, else fma_medium, fma_small, fma_full)")
-    p.add_argument("--workers", type=_positive_int, default=None, help="decoder processes (default: all cores)")
-    p.add_argument("--shard", type=_shard, default=None, metavar="K/N",
-                   help="featurize part K of N (0-based) into its own part of the store; under torchrun or "
-                   "SLURM the default is RANK/WORLD_SIZE")
-    p.add_argument("--retry-failed", action="store_true",
-                   help="try the tracks listed in failed.csv again (after fixing or restoring their files)")
-    p.add_argument("--device", default=None,
-                   help="batch the log-mel on this torch device (default: cuda if present, else one clip per "
-                   "CPU worker)")
-    p.add_argument("--min-seconds", type=_positive_float, default=1.0,
-                   help="clips shorter than this are recorded as failed (default 1.0)")
-    p.add_argument("--clip-timeout", type=_positive_float, default=60.0, metavar="SECONDS",
-                   help="a clip whose decoder gives no result in this time is recorded as failed (default 60)")
-    p.set_defaults(func=cmd_featurize)
-
-    for name in ("train", "pretrain"):
-        if name == "train":
-            p = sub.add_parser(
-                "train", help="train a GRU or Transformer tagger on a feature store",
-                description="Train on the store's training split with random 128-256-frame crops and a positively "
-                "weighted binary cross-entropy; the epoch with the lowest validation loss becomes "
-                "OUT/model.safetensors. Progress, losses per epoch (OUT/logs/metrics.csv) and an ETA are shown; "
-                "an interrupted run continues with --resume.",
-            )
-            p.add_argument("--model", choices=["gru", "transformer"], required=True, help="architecture")
-            p.add_argument("--lr", type=_positive_float, default=1e-5, help="Adam learning rate (reference: 1e-5)")
-            p.add_argument("--pos-weight", type=_positive_float, default=4.0,
-                           help="BCE weight of positive labels (reference: 4)")
-            p.add_argument("--weight-decay", type=float, default=0.0, help="Adam L2 penalty (default 0)")
-            p.add_argument("--pretrained", default=None, metavar="ENCODER",
-                           help="start the transformer from encoder.safetensors of `genreclf pretrain`")
-            p.set_defaults(func=cmd_train)
-        else:
-            p = sub.add_parser(
-                "pretrain", help="masked-frame pretraining of the Transformer encoder",
-                description="Self-supervised pretraining: random spans of frames are masked and the Transformer "
-                "encoder learns to reconstruct them (no labels used). Writes OUT/encoder.safetensors for "
-                "`genreclf train --model transformer --pretrained`.",
-            )
-            p.add_argument("--lr", type=_positive_float, default=1e-4, help="Adam learning rate (default 1e-4)")
-            p.add_argument("--mask-ratio", type=float, default=0.15, help="fraction of frames masked (default 0.15)")
-            p.set_defaults(func=cmd_pretrain)
-        p.add_argument("--store", type=Path, required=True, help="feature store from `genreclf featurize`")
-        p.add_argument("--out", type=Path, required=True, help="run folder to write")
-        p.add_argument("--epochs", type=_positive_int, default=100, help="maximum epochs (default 100)")
-        p.add_argument("--batch-size", type=_positive_int, default=32, help="tracks per batch (default 32)")
-        p.add_argument("--min-crop", type=_positive_int, default=128, help="shortest random crop, frames (128)")
-        p.add_argument("--max-crop", type=_positive_int, default=256, help="longest random crop, frames (256)")
-        p.add_argument("--split", choices=["official", "reference"], default="official",
-                       help="FMA's artist-filtered split (default) or a random split like the reference's "
-                            "80/20: 20%% test, 8%% validation, 72%% training")
-        p.add_argument("--early-stopping", type=_count, default=0, metavar="EPOCHS",
-                       help="stop after this many epochs without a better validation loss (0: never)")
-        p.add_argument("--plateau-patience", type=_positive_int, default=20,
-                       help="epochs without improvement before the learning rate is divided by 10 (default 20)")
-        p.add_argument("--seed", type=int, default=0, help="random seed (weights, crops, reference split)")
-        p.add_argument("--workers", type=_count, default=1, help="data loader processes (default 1; 0: none)")
-        p.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu (default auto)")
-        p.add_argument("--devices", default="auto", help="Lightning devices, e.g. 4 GPUs for DDP (default auto)")
-        p.add_argument("--resume", action="store_true", help="continue OUT from its last checkpoint")
-
-    p = sub.add_parser(
-        "evaluate", help="score a trained model on a split of a store",
-        description="Predict every track of a split (mean over evenly spaced crops, and over the whole sequence) "
-        "and compute the reference's positively weighted AP, micro AP, macro AP and macro ROC-AUC, each with the "
-        "score of a prior-only predictor, plus FMA's top-level genre accuracy. Writes metrics.json and "
-        "predictions.npz.",
-    )
-    p.add_argument("model", help="model.safetensors (or the run folder holding it)")
-    p.add_argument("--store", type=Path, required=True, help="feature store to evaluate on")
-    p.add_argument("--split", choices=["official", "reference"], default=None,
-                   help="which split (default: the one the model was trained on)")
-    p.add_argument("--part", choices=["test", "validation", "training"], default="test", help="which part (test)")
-    p.add_argument("--crop", type=_positive_int, default=256, help="crop length in frames (default 256)")
-    p.add_argument("--crops", type=_positive_int, default=8, help="evenly spaced crops per track (default 8)")
-    p.add_argument("--seed", type=int, default=None,
-                   help="seed of the reference split (default: the model's training seed)")
-    p.add_argument("--out", type=Path, default=None, help="metrics file (default: beside the model)")
-    p.set_defaults(func=cmd_evaluate)
-
-    p = sub.add_parser(
-        "predict", help="print the top genres of audio files",
-        description="Tag audio files or folders (walked for audio) of any length: each file is cut into 30-s "
-        "windows, each window scored over evenly spaced crops, and the windows averaged. A file that cannot be "
-        "read gets an error record; the others are still tagged, and the exit code is 1.",
-    )
-    p.add_argument("model", help="model.safetensors (or the run folder holding it)")
-    p.add_argument("inputs", nargs="+", type=Path, metavar="FILE_OR_DIR", help="audio files or folders")
-    p.add_argument("--top", type=_positive_int, default=5, help="genres to show per file (default 5)")
-    p.add_argument("--format", choices=["table", "json", "csv"], default="table", help="output format")
-    p.add_argument("--crop", type=_positive_int, default=256, help="crop length in frames (default 256)")
-    p.add_argument("--crops", type=_positive_int, default=8, help="crops per 30-s window (default 8)")
-    p.set_defaults(func=cmd_predict)
-
-    p = sub.add_parser(
-        "report", help="compare trained runs: metrics with confidence intervals, figures",
-        description="Write OUT/report.md, report.json and PNG figures for one or more runs: each metric with its "
-        "chance level and a 95%% bootstrap interval over tracks, paired bootstrap differences between runs "
-        "evaluated on the same tracks, top-level genre accuracy, per-genre AP and ROC-AUC, precision-recall "
-        "curves, learning curves, and whole-sequence vs crop averaging. Runs are evaluated first where needed.",
-    )
-    p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="run folders from `genreclf train`")
-    p.add_argument("--out", type=Path, required=True, help="folder for the report")
-    p.add_argument("--store", type=Path, default=None, help="store to evaluate on (default: each run's own)")
-    p.add_argument("--split", choices=["official", "reference"], default=None,
-                   help="split to evaluate on (default: the one each run was trained on)")
-    p.add_argument("--boot", type=_positive_int, default=1000, help="bootstrap resamples (default 1000)")
-    p.add_argument("--pr-genre", action="append", default=None, metavar="GENRE",
-                   help="genre for the precision-recall plot (repeatable; default: 3 most frequent + Hip-Hop)")
-    p.set_defaults(func=cmd_report)
-
-    p = sub.add_parser(
-        "demo", help="the whole pipeline on a generated corpus, in a few minutes",
-        description="Generate a small synthetic FMA-layout corpus, featurize it, train the GRU and the Transformer, "
-        "evaluate both on the test split, print a side-by-side table and the top-5 genres of a few files.",
-    )
-    p.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for everything (default demo_out)")
-    p.add_argument("--tracks", type=_positive_int, default=300, help="tracks to generate (default 300)")
-    p.add_argument("--seconds", type=_positive_float, default=10.0, help="clip length (default 10 s)")
-    p.add_argument("--epochs", type=_positive_int, default=14, help="training epochs per model (default 14)")
-    p.set_defaults(func=cmd_demo)
+    _add_verbosity(parser, False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_CommandParser)
+    for name, summary, add_arguments in COMMANDS:
+        sub.add_parser(name, help=summary, add_arguments=add_arguments)
     return parser
 
 

@@ -49,7 +49,7 @@ def check_vocabulary(model_file: ModelFile, store: FeatureStore, model_path: Pat
 
 def evaluate(model_path: str | Path, store_path: str | Path, split: str | None = None, part: str = "test",
              crop: int = CROP_FRAMES, n_crops: int = N_CROPS, seed: int | None = None, out: str | Path | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, whole_sequence: bool = False) -> dict:
     """Return (and write to `out`, with predictions.npz beside it) the metrics of a model on a split.
 
     `split` and `seed` default to those the model was trained with (its provenance). Tracks
