@@ -13,7 +13,7 @@ import pytest
 import soundfile as sf
 
 import genreclf
-from conftest import REAL_MP3, write_bad_files, write_mp3
+from conftest import REAL_MP3, write_bad_files, write_long_wav, write_mp3
 from genreclf import audio
 from genreclf.errors import AudioError, GenreclfError
 
@@ -214,11 +214,7 @@ def test_stream_equals_load_on_long_files(tmp_path):
 
 def test_stream_memory_stays_far_below_the_file_size(tmp_path):
     rate, minutes = 44100, 10
-    path = tmp_path / "ten_minutes.wav"
-    rng = np.random.default_rng(4)
-    with sf.SoundFile(path, "w", rate, 1, subtype="PCM_16") as f:
-        for _ in range(minutes):  # a minute at a time: the test itself must not hold the whole file
-            f.write((0.1 * rng.standard_normal(60 * rate)).astype(np.float32))
+    path = write_long_wav(tmp_path / "ten_minutes.wav", minutes, rate)
     whole_float32 = minutes * 60 * rate * 4  # what load holds at the native rate: ~106 MB
     tracemalloc.start()
     try:

@@ -121,39 +121,47 @@ def stream(path: str | Path, sample_rate: int = SAMPLE_RATE, block_seconds: floa
         raise ValueError(f"block_seconds={block_seconds} gives blocks of no samples")
     said: list[str] = []
     try:
-        yield from _blocks(_check_file(path), sample_rate, block, said)
+        yield from _rebuffer(_resampled(_check_file(path), sample_rate, said), block)
     except AudioError as e:
         _log_said(path, e.details)
         raise
     _log_said(path, "; ".join(said))
 
 
-def _blocks(path: Path, sample_rate: int, block: int, said: list[str]) -> Iterator[np.ndarray]:
-    """Yield `block`-sample mono blocks at `sample_rate` of `path`, resampled as `resample` does."""
+def _resampled(path: Path, sample_rate: int, said: list[str]) -> Iterator[np.ndarray]:
+    """Yield `path` as consecutive mono float32 pieces at `sample_rate`, the same samples as `load` gives."""
     import soxr
 
-    resampler, pending, have, n_in, n_done = None, [], 0, 0, 0
+    resampler, n_in, n_out = None, 0, 0
     for chunk, rate in _decoded_chunks(path, said):
         if resampler is None and rate != sample_rate:
             resampler = soxr.ResampleStream(rate, sample_rate, 1, dtype="float32", quality="HQ")
         mono = _finite(downmix(chunk))
         n_in += len(mono)
-        part = mono if resampler is None else resampler.resample_chunk(mono)
-        pending.append(part)
-        have += len(part)
-        while have >= block:
-            joined = np.concatenate(pending)
-            yield joined[:block]
-            pending, have, n_done = [joined[block:]], have - block, n_done + block
+        piece = mono if resampler is None else resampler.resample_chunk(mono)
+        n_out += len(piece)
+        yield piece
     if n_in == 0:
         raise AudioError(f"{path}: decoded to 0 samples; the file is truncated or empty", "; ".join(said))
-    if resampler is not None:
-        pending.append(resampler.resample_chunk(np.zeros(0, np.float32), last=True))
-    tail = np.concatenate(pending)
-    n_out = n_in if resampler is None else -(-n_in * sample_rate // rate)  # `resample`'s length: ceil
-    tail = np.pad(tail, (0, max(0, n_out - n_done - len(tail))))[: max(0, n_out - n_done)]
-    for start in range(0, len(tail), block):
-        yield tail[start : start + block]
+    if resampler is not None:  # the filter's delayed tail, fitted to `resample`'s length: ceil
+        missing = -(-n_in * sample_rate // rate) - n_out
+        tail = resampler.resample_chunk(np.zeros(0, np.float32), last=True)
+        yield np.pad(tail, (0, max(0, missing - len(tail))))[: max(0, missing)]
+
+
+def _rebuffer(pieces: Iterator[np.ndarray], block: int) -> Iterator[np.ndarray]:
+    """Yield the concatenated `pieces` in arrays of `block` samples (the last one shorter, none empty)."""
+    buf, filled = np.empty(block, np.float32), 0
+    for piece in pieces:
+        while len(piece):
+            n = min(block - filled, len(piece))
+            buf[filled : filled + n] = piece[:n]
+            filled, piece = filled + n, piece[n:]
+            if filled == block:  # each block its own array: a held block pins nothing else
+                yield buf
+                buf, filled = np.empty(block, np.float32), 0
+    if filled:
+        yield buf[:filled]
 
 
 def rms_dbfs(wave: np.ndarray) -> float:
