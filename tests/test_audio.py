@@ -136,11 +136,12 @@ if sys.argv[1] == "ffmpeg-logging-on":  # an application that turned FFmpeg's lo
     own = logging.StreamHandler(sys.stdout)
     own.setFormatter(logging.Formatter("APP LOG %(name)s: %(message)s"))
     logging.getLogger("libav").addHandler(own)
+lengths = {"load": lambda p: len(audio.load(p)), "stream": lambda p: sum(len(b) for b in audio.stream(p))}
 result = {}
 for path in sys.argv[2:]:
-    for name, decode in (("load", audio.load), ("stream", lambda p: __import__("numpy").concatenate(list(audio.stream(p))))):
+    for name, length in lengths.items():
         try:
-            result[path + " " + name] = len(decode(path))
+            result[path + " " + name] = length(path)
         except AudioError as e:
             result[path + " " + name] = str(e)
 result["av_level"] = av.logging.get_level()
@@ -210,6 +211,20 @@ def test_stream_equals_load_on_long_files(tmp_path):
     native = tmp_path / "native.wav"  # already at 16 kHz: nothing to resample
     sf.write(native, x[: 16000 * 61].astype(np.float32), 16000)
     assert_stream_equals_load(native, 30.0)
+
+
+def test_stream_hands_over_to_ffmpeg_where_libsndfile_loses_sync(tmp_path):
+    rng = np.random.default_rng(6)
+    path = tmp_path / "damaged.flac"
+    sf.write(path, 0.3 * rng.standard_normal((44100 * 40, 2), dtype=np.float32), 44100, format="FLAC")
+    data = bytearray(path.read_bytes())
+    at = int(len(data) * 0.6)  # past the first 10-s chunks libsndfile hands out, before its failure
+    data[at : at + 20000] = rng.integers(0, 256, 20000, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+    with pytest.raises(RuntimeError):  # libsndfile alone gives up part-way ("flac decoder lost sync")
+        sf.read(path)
+    assert len(audio.load(path)) > 35 * audio.SAMPLE_RATE  # FFmpeg decodes around the damage
+    assert_stream_equals_load(path, 5.0)
 
 
 def test_stream_memory_stays_far_below_the_file_size(tmp_path):

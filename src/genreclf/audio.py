@@ -108,7 +108,9 @@ def load(path: str | Path, sample_rate: int = SAMPLE_RATE, max_seconds: float | 
     return resample(_finite(downmix(audio)), rate, sample_rate)
 
 
-def stream(path: str | Path, sample_rate: int = SAMPLE_RATE, block_seconds: float = CLIP_SECONDS) -> Iterator[np.ndarray]:
+def stream(
+    path: str | Path, sample_rate: int = SAMPLE_RATE, block_seconds: float = CLIP_SECONDS
+) -> Iterator[np.ndarray]:
     """Yield the audio at `path` as consecutive mono float32 blocks of `block_seconds` at `sample_rate` Hz.
 
     The last block is shorter. Decoding, downmixing and resampling (soxr's streaming HQ
@@ -231,7 +233,7 @@ def _log_said(path: str | Path, details: str) -> None:
 
 
 def _finite(mono: np.ndarray) -> np.ndarray:
-    """Return `mono` with NaN and inf replaced (in place) by 0 and full scale."""
+    """Return `mono`, or a copy with NaN and inf replaced by 0 and full scale when it holds any."""
     if not np.isfinite(mono.sum()):  # NaN and inf propagate to the sum: 3x cheaper than isfinite().all()
         mono = np.nan_to_num(mono, nan=0.0, posinf=1.0, neginf=-1.0)
     return mono
@@ -276,31 +278,34 @@ def _open_pyav(path: Path) -> tuple["av.container.InputContainer", Iterator[np.n
 
 
 def _decoded_chunks(path: Path, said: list[str]) -> Iterator[tuple[np.ndarray, int]]:
-    """Yield (float32 (samples, channels), rate) chunks of `path`: libsndfile's, or FFmpeg's if it cannot."""
-    done = 0
+    """Yield (float32 (samples, channels), rate) chunks of `path`: libsndfile's, or FFmpeg's if it cannot.
+
+    As in `load`, FFmpeg takes over wherever libsndfile fails, at the start or part-way (a FLAC
+    that loses sync): the frames libsndfile already gave are skipped, so the chunks stay seamless.
+    """
+    given = 0  # frames handed out
     try:
-        for item in _soundfile_chunks(path, said):
-            yield item
-            done += 1
+        for chunk, rate in _soundfile_chunks(path, said):
+            yield chunk, rate
+            given += len(chunk)
         return
     except Exception as e:  # libsndfile says only "format not recognised" and the like
-        if done:
-            raise _stopped(path, "libsndfile", e, said) from None
         sf_error = e
-    done = 0
+    skip = given
     try:
-        for item in _pyav_chunks(path, said):
-            yield item
-            done += 1
+        for chunk, rate in _pyav_chunks(path, said):
+            if skip >= len(chunk):
+                skip -= len(chunk)
+                continue
+            chunk, skip = chunk[skip:], 0
+            yield chunk, rate
+            given += len(chunk)
     except Exception as e:
-        raise (_stopped(path, "FFmpeg", e, said) if done else _not_audio(path, sf_error, e, said)) from None
+        if given:  # blocks already given out cannot be taken back: say it broke part-way
+            raise AudioError(f"{path}: decoding failed part-way through; the file is corrupt or truncated",
+                             "; ".join([f"libsndfile: {sf_error}", f"FFmpeg: {e}", *said])) from None
+        raise _not_audio(path, sf_error, e, said) from None
     said.insert(0, f"libsndfile: {sf_error} (decoded by FFmpeg instead)")
-
-
-def _stopped(path: Path, decoder: str, error: Exception, said: list[str]) -> AudioError:
-    """The error for a file that broke after blocks of it were given out (they cannot be taken back)."""
-    return AudioError(f"{path}: decoding failed part-way through; the file is corrupt or truncated",
-                      "; ".join([f"{decoder}: {error}", *said]))
 
 
 def _soundfile_chunks(path: Path, said: list[str], seconds: float = 10.0) -> Iterator[tuple[np.ndarray, int]]:

@@ -106,7 +106,7 @@ class Tagger:
         return self._score_windows(windows, windows_per_batch)
 
     def _score_windows(self, windows: Iterable[np.ndarray], windows_per_batch: int = 8) -> np.ndarray:
-        """Return genre probabilities of consecutive 30-s windows (the last may be shorter), weighted by their frames."""
+        """Return genre probabilities of consecutive 30-s windows (the last may be shorter), frame-weighted."""
         windows = iter(windows)
         total, frames = 0.0, 0
         padded = np.empty((windows_per_batch, N_SAMPLES), np.float32)  # one batch buffer: memory bounded
