@@ -4,6 +4,7 @@ import pickle
 import subprocess
 import sys
 import tracemalloc
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import av
@@ -175,10 +176,20 @@ def test_decoder_chatter_stays_off_stderr(tmp_path, mode):
 
 
 def test_stderr_is_restored_after_decoding(tmp_path):
+    random = write_bad_files(tmp_path)["random"]
     before = os.fstat(2)
     with pytest.raises(AudioError):
-        audio.load(write_bad_files(tmp_path)["random"])
+        audio.load(random)
     audio.load(REAL_MP3)
+
+    def decode_a_few(_) -> None:  # threads decoding at once must not leave one's capture file as stderr
+        for _ in range(2):
+            with pytest.raises(AudioError):
+                audio.load(random)
+            sum(len(block) for block in audio.stream(REAL_MP3, block_seconds=2.0))
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(decode_a_few, range(4)))
     after = os.fstat(2)
     assert (before.st_dev, before.st_ino) == (after.st_dev, after.st_ino)
 

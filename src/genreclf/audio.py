@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -356,31 +357,45 @@ def _native_stderr(said: list[str]) -> Iterator[None]:
     for corrupt MP3s. Descriptor 2 belongs to the whole process, so it is restored in any case,
     and held only around native calls, never while our caller's code runs.
     """
-    if not _STDERR_LOCK.acquire(blocking=False):
+    if not _STDERR_LOCK.acquire(blocking=False):  # another thread's capture is in place: it takes ours too
         yield
         return
+    try:
+        redirect = _redirect_stderr()
+        try:
+            yield
+        finally:
+            if redirect is not None:
+                said.extend(_restore_stderr(*redirect))
+    finally:
+        _STDERR_LOCK.release()
+
+
+def _redirect_stderr() -> tuple[int, IO[bytes]] | None:
+    """Point descriptor 2 at a new temporary file; return (a copy of the old descriptor, the file), or None."""
+    try:
+        sink = tempfile.TemporaryFile()
+    except OSError:  # no writable temporary folder: decode uncaptured rather than not at all
+        return None
     try:
         saved = os.dup(2)
     except OSError:  # no descriptor 2 (a daemon): nothing reaches a terminal anyway
-        _STDERR_LOCK.release()
-        yield
-        return
-    try:
-        with tempfile.TemporaryFile() as sink:
-            _flush_python_stderr()  # Python's buffered text so far belongs to the real stderr
-            os.dup2(sink.fileno(), 2)
-            try:
-                yield
-            finally:
-                _flush_python_stderr()
-                os.dup2(saved, 2)
-                sink.seek(0)
-                text = sink.read(_STDERR_LIMIT).decode("utf-8", "replace").strip()
-                if text:
-                    said.append("stderr: " + " | ".join(line.strip() for line in text.splitlines()))
-    finally:
-        os.close(saved)
-        _STDERR_LOCK.release()
+        sink.close()
+        return None
+    _flush_python_stderr()  # Python's buffered text so far belongs to the real stderr
+    os.dup2(sink.fileno(), 2)
+    return saved, sink
+
+
+def _restore_stderr(saved: int, sink: IO[bytes]) -> list[str]:
+    """Point descriptor 2 back at `saved`; return what `sink` caught meanwhile (one line, or none)."""
+    _flush_python_stderr()
+    os.dup2(saved, 2)
+    os.close(saved)
+    with sink:
+        sink.seek(0)
+        text = sink.read(_STDERR_LIMIT).decode("utf-8", "replace").strip()
+    return ["stderr: " + " | ".join(line.strip() for line in text.splitlines())] if text else []
 
 
 def _flush_python_stderr() -> None:
