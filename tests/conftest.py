@@ -23,6 +23,15 @@ def write_mp3(path: Path, seconds: float = 3.0, rate: int = 44100, channels: int
     return path
 
 
+def write_long_wav(path: Path, minutes: int, rate: int = 44100) -> Path:
+    """Write `minutes` of mono 16-bit noise a minute at a time (the test never holds it all); return its path."""
+    rng = np.random.default_rng(4)
+    with sf.SoundFile(path, "w", rate, 1, subtype="PCM_16") as f:
+        for _ in range(minutes):
+            f.write(0.1 * rng.standard_normal(60 * rate, dtype=np.float32))
+    return path
+
+
 def write_bad_files(folder: Path) -> dict[str, Path]:
     """Write the kinds of broken files a real corpus contains; return them by kind."""
     folder.mkdir(parents=True, exist_ok=True)

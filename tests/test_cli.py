@@ -84,7 +84,7 @@ def test_predict_json_with_a_bad_file(pipeline, real_mp3, tmp_path, capsys):
     assert [r["file"] for r in records] == [str(real_mp3), str(bad)]
     top = records[0]["genres"]
     assert len(top) == 3 and top[0]["probability"] >= top[1]["probability"] >= top[2]["probability"]
-    assert "error" in records[1] and "cannot decode" in records[1]["error"]
+    assert "error" in records[1] and "not a readable audio file" in records[1]["error"]
 
 
 def test_predict_any_length(pipeline):

@@ -1,15 +1,98 @@
-"""Known answers for inference: crop averaging and the frame-weighted average over 30-s windows."""
+"""Tagging files: known answers for crop and window averaging; streamed decoding equals tagging the waveform."""
 
+import os
+import subprocess
+import sys
+import tracemalloc
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
+import soundfile as sf
 import torch
 
+import genreclf
+from conftest import REAL_MP3, write_bad_files, write_long_wav
+from genreclf import audio
 from genreclf.audio import N_FRAMES, SAMPLE_RATE
 from genreclf.data import crop_starts
+from genreclf.errors import AudioError
 from genreclf.mel import valid_frames
 from genreclf.modelfile import ModelFile
+from genreclf.models import TransformerConfig, model_from_config
 from genreclf.predict import Tagger, score_features
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> Path:
+    """A small untrained tagger's model file: its outputs depend on the audio, which is all these tests need."""
+    torch.manual_seed(0)
+    config = TransformerConfig(n_genres=5, n_layers=1, n_heads=2, d_ff=32, head_factor=1)  # fast on a CPU
+    genres = ["Rock", "Jazz", "Folk", "Pop", "Electronic"]
+    mf = ModelFile(model_from_config(config).eval(), config, genres, list(range(1, 6)))
+    return mf.save(tmp_path_factory.mktemp("model") / "model.safetensors")
+
+
+@pytest.mark.parametrize("source", ["real_mp3", "long_wav"])
+def test_predicting_a_file_equals_predicting_its_waveform(model_path, tmp_path, source):
+    if source == "real_mp3":
+        path, tagger = REAL_MP3, Tagger.load(model_path, device="cpu")  # 21.5 s: one short window
+    else:  # over 4 minutes at 44.1 kHz: eight full windows and a short one, two batches of windows
+        rng = np.random.default_rng(5)
+        path = tmp_path / "long.wav"
+        sf.write(path, 0.1 * rng.standard_normal((44100 * 250, 2), dtype=np.float32), 44100, subtype="PCM_16")
+        tagger = Tagger.load(model_path, device="cpu", n_crops=2)  # fewer crops: the windowing is under test
+    streamed = tagger.predict(path)
+    whole = tagger.predict(audio.load(path))
+    assert streamed.source == str(path) and whole.source == "<waveform>"
+    np.testing.assert_allclose(streamed.probabilities, whole.probabilities, rtol=0, atol=1e-5)
+    assert np.ptp(streamed.probabilities) > 0  # the model does tell genres apart: a real comparison
+
+
+def test_predicting_a_long_file_holds_a_few_windows_not_the_file(model_path, tmp_path):
+    rate, minutes = 44100, 10
+    path = write_long_wav(tmp_path / "ten_minutes.wav", minutes, rate)
+    whole_float32 = minutes * 60 * rate * 4  # decoding it whole at its rate: ~106 MB
+    tagger = Tagger.load(model_path, device="cpu", crop=None)  # whole windows: the decoding is under test
+    tracemalloc.start()  # numpy's buffers (decoded audio, windows) are traced; torch's own are not
+    try:
+        probabilities = tagger.predict(path).probabilities
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert probabilities.shape == (5,)
+    assert peak < 0.3 * whole_float32, f"peak {peak / 1e6:.1f} MB"  # a batch of 8 windows is 15 MB
+
+
+def test_predicting_bad_files_raises_audio_errors(model_path, tmp_path):
+    tagger = Tagger.load(model_path, device="cpu")
+    for kind, path in write_bad_files(tmp_path).items():
+        with pytest.raises(AudioError, match="empty file" if kind == "empty" else "not a readable audio file"):
+            tagger.predict(path)
+    nothing = tmp_path / "nothing.wav"
+    sf.write(nothing, np.zeros((0, 1), np.float32), 16000)
+    with pytest.raises(AudioError, match="decoded to 0 samples"):
+        tagger.predict(nothing)
+    with pytest.raises(AudioError, match="no such file"):
+        tagger.predict(tmp_path / "missing.mp3")
+
+
+def test_cli_predict_shows_the_decoders_words_only_with_verbose(model_path, tmp_path):
+    bad = write_bad_files(tmp_path)["random"]
+    env = {**os.environ, "PYTHONPATH": str(Path(genreclf.__file__).parents[1])}
+    runs = {}
+    for flags in ([], ["-v"]):
+        command = [sys.executable, "-m", "genreclf", *flags, "predict", str(model_path), str(bad)]
+        runs[bool(flags)] = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    for run in runs.values():
+        assert run.returncode == 1
+        assert "not a readable audio file" in run.stdout and run.stdout.count(str(bad)) == 2  # heading + error
+    quiet, verbose = runs[False].stderr, runs[True].stderr
+    assert "the decoders said" not in quiet and "Illegal Audio-MPEG-Header" not in quiet
+    said = next(line for line in verbose.splitlines() if "the decoders said" in line)
+    assert "libsndfile: " in said and "FFmpeg: Invalid data" in said.replace("[Errno 1094995529] ", "")
+    assert "Illegal Audio-MPEG-Header" in said  # libmpg123's note, captured from descriptor 2
 
 
 class Probe(torch.nn.Module):

@@ -6,7 +6,14 @@ class GenreclfError(Exception):
 
 
 class AudioError(GenreclfError):
-    """An audio file is missing, empty, corrupt or not audio."""
+    """An audio file is missing, empty, corrupt or not audio; `details` keeps what the decoders said."""
+
+    def __init__(self, message: str, details: str = ""):
+        super().__init__(message)
+        self.details = details  # the decoders' own messages, for -v: too technical for the one-line message
+
+    def __reduce__(self):  # keep `details` across processes (Exception pickles only args)
+        return type(self), (str(self), self.details)
 
 
 def first_line(error: BaseException, limit: int | None = 120) -> str:

@@ -7,7 +7,9 @@ probabilities over evenly spaced crops; windows are averaged weighted by their r
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -93,24 +95,30 @@ class Tagger:
                 raise GenreclfError("a waveform must be a non-empty 1-D array (mono)")
             if not np.isfinite(source).all():
                 raise GenreclfError("the waveform holds NaN or infinite samples; clean it (np.nan_to_num) first")
-            wave, name = audio.resample(source, sample_rate), "<waveform>"
-        else:
-            wave, name = audio.load(source), str(source)
-        return Prediction(name, self.genres, self.probabilities(wave))
+            return Prediction("<waveform>", self.genres, self.probabilities(audio.resample(source, sample_rate)))
+        # Decoded window by window: memory stays at a few windows however long the file is.
+        windows = audio.stream(source, block_seconds=N_SAMPLES / SAMPLE_RATE)
+        return Prediction(str(source), self.genres, self._score_windows(windows))
 
     def probabilities(self, wave: np.ndarray, windows_per_batch: int = 8) -> np.ndarray:
         """Return genre probabilities of a mono 16-kHz waveform of any length."""
-        starts = list(range(0, max(len(wave), 1), N_SAMPLES))
+        windows = (wave[s : s + N_SAMPLES] for s in range(0, max(len(wave), 1), N_SAMPLES))
+        return self._score_windows(windows, windows_per_batch)
+
+    def _score_windows(self, windows: Iterable[np.ndarray], windows_per_batch: int = 8) -> np.ndarray:
+        """Return genre probabilities of consecutive 30-s windows (the last may be shorter), frame-weighted."""
+        windows = iter(windows)
         total, frames = 0.0, 0
-        for b in range(0, len(starts), windows_per_batch):  # bounded memory for hour-long files
-            batch = starts[b : b + windows_per_batch]
-            windows = np.zeros((len(batch), N_SAMPLES), np.float32)
+        padded = np.empty((windows_per_batch, N_SAMPLES), np.float32)  # one batch buffer: memory bounded
+        while True:
             valid = []
-            for i, s in enumerate(batch):
-                chunk = wave[s : s + N_SAMPLES]
-                windows[i, : len(chunk)] = chunk
+            for chunk in islice(windows, windows_per_batch):  # copied in as they come: no list of windows held
+                row = padded[len(valid)]
+                row[: len(chunk)], row[len(chunk) :] = chunk, 0.0
                 valid.append(valid_frames(len(chunk), N_FRAMES))
-            x = torch.from_numpy(windows).to(self.device)
+            if not valid:
+                break
+            x = torch.from_numpy(padded[: len(valid)]).to(self.device)
             v = torch.tensor(valid, device=self.device)
             with torch.no_grad():
                 probs = score_features(self.model, log_mel_batch(x), v, self.crop, self.n_crops)
