@@ -177,10 +177,46 @@ def test_fast_bootstrap_equals_resampling_tracks(name: str) -> None:
     y[:, 3] = 0
     y[rng.integers(0, 60), 3] = 1  # a rare genre, absent from many resamples
     fn = M._FAST[name]
+    if name in ("ap_macro", "roc_auc_macro"):  # resamples average the full set's genres, by hand here
+        per_genre = M.average_precision if name == "ap_macro" else M.roc_auc
+        full = per_genre(y, s)
+
+        def slow_fn(a: np.ndarray, b: np.ndarray) -> float:
+            resampled = per_genre(a, b)
+            return float(np.where(np.isnan(resampled), full, resampled)[~np.isnan(full)].mean())
+    else:
+        def slow_fn(a: np.ndarray, b: np.ndarray) -> float:
+            return fn(a, b)
     fast = M.bootstrap_ci(y, s, fn, n_boot=40, seed=3)
-    slow = M.bootstrap_ci(y, s, lambda a, b: fn(a, b), n_boot=40, seed=3)
+    slow = M.bootstrap_ci(y, s, slow_fn, n_boot=40, seed=3)
     np.testing.assert_allclose(fast, slow, rtol=0, atol=1e-12)
     assert np.isfinite(fast).all()
+
+
+@pytest.mark.parametrize("name", ["ap_macro", "roc_auc_macro"])
+def test_macro_bootstrap_averages_a_fixed_genre_set(name: str) -> None:
+    # Four common genres scored perfectly (AP = ROC-AUC = 1 on any resample) and a rare genre whose only
+    # positive scores lowest: AP 1/20 and ROC-AUC 0 on the full set. About 36% of the resamples miss that
+    # positive; dropping the genre there would average the four perfect ones alone, and give exactly 1.
+    n = 20
+    y = np.zeros((n, 5), dtype=int)
+    y[::2, :4] = 1
+    y[n - 1, 4] = 1
+    s = y + np.linspace(0.5, 0.1, n)[:, None]
+    s[n - 1, 4] = 0.0
+    point = (4 + (1 / n if name == "ap_macro" else 0.0)) / 5
+    assert M._FAST[name](y, s) == pytest.approx(point, abs=1e-15)
+    points, stats, jack = M._boot_stats(y, [s], name, 300, 0)
+    assert points[0] == pytest.approx(point, abs=1e-15)  # the point estimate is the full-set value
+    draws = np.random.default_rng(0).integers(0, n, (300, n))  # the resamples _boot_stats draws with seed 0
+    missed = (draws != n - 1).all(axis=1)
+    assert 50 < missed.sum() < 250
+    # Resamples without the rare positive average the same five genres, the rare one at its full-set value.
+    np.testing.assert_allclose(stats[missed, 0], point, rtol=0, atol=1e-12)
+    assert (stats[:, 0] < 1).all() and (jack[:, 0] < 1).all()
+    if name == "roc_auc_macro":  # the rare positive is last in every resample that holds it: ROC-AUC 0 there too
+        np.testing.assert_allclose(stats[:, 0], point, rtol=0, atol=1e-12)
+    assert M.bootstrap_ci(y, s, name, n_boot=300)[0] == pytest.approx(point, abs=1e-15)
 
 
 def test_paired_bootstrap() -> None:

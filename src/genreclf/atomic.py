@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -18,8 +20,25 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _replace_with(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write a temporary file beside `path` with `write`, fsync it, then rename it onto `path`."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
     """Save `array` as .npy atomically."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    _replace_with(path, lambda f: np.save(f, array))
+
+
+def atomic_savez(path: Path, **arrays: np.ndarray) -> None:
+    """Save `arrays` as a compressed .npz atomically."""
+    _replace_with(path, lambda f: np.savez_compressed(f, **arrays))

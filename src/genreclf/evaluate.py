@@ -1,7 +1,7 @@
 """Evaluate a trained model on a split of a feature store.
 
-Predictions are the mean over evenly spaced crops of each track (deterministic), and
-also over the whole sequence at once; metrics come with the chance level of a
+Predictions are the mean over evenly spaced crops of each track (deterministic), and,
+when asked (whole_sequence=True), over the whole sequence at once; metrics come with the chance level of a
 prior-only predictor (see genreclf.metrics). The model is never chosen on the test split:
 training picks its checkpoint by validation loss.
 """
@@ -20,14 +20,38 @@ from genreclf.data import split_positions
 from genreclf.errors import GenreclfError
 from genreclf.metrics import SUMMARY, tagging_metrics, top_level_accuracy
 from genreclf.modelfile import ModelFile
+from genreclf.models import ModelConfig
 from genreclf.predict import CROP_FRAMES, N_CROPS, score_features
-from genreclf.atomic import atomic_write_text
+from genreclf.atomic import atomic_savez, atomic_write_text
 from genreclf.store import FeatureStore
 
 log = logging.getLogger(__name__)
 
+BATCH_SIZE = 64  # tracks per batch when scoring crops
+WHOLE_SEQUENCE_BUDGET = 256 * 2**20  # bytes one whole-sequence batch may hold in activations and attention
+ATTENTION_COPIES = 3  # (frames x frames) score matrices alive at once on SDPA's math path (2.3 measured on CPU)
+ACTIVATION_FLOATS = 12  # floats per frame per unit of model width alive at once (measured ~5 for both models)
+
+
+def whole_sequence_bytes(cfg: ModelConfig, frames: int) -> int:
+    """Return an upper bound of the bytes one track of `frames` frames needs in a whole-sequence forward pass."""
+    # Layers run one after the other, so only one layer's activations and attention scores are alive.
+    width = max(cfg.n_mels, getattr(cfg, "d_ff", 0), 2 * getattr(cfg, "hidden", 0))
+    activations = ACTIVATION_FLOATS * width * frames * 4
+    # The fused kernels never hold the (frames x frames) scores, but the math path (any device,
+    # any mask) does: count it, so that the bound holds whichever kernel PyTorch picks.
+    attention = ATTENTION_COPIES * getattr(cfg, "n_heads", 0) * frames**2 * 4
+    return activations + attention
+
+
+def whole_sequence_batch(cfg: ModelConfig, frames: int, budget: int = WHOLE_SEQUENCE_BUDGET,
+                         cap: int = BATCH_SIZE) -> int:
+    """Return how many whole sequences of `frames` frames to score at once within `budget` bytes (1 to cap)."""
+    return int(max(1, min(cap, budget // whole_sequence_bytes(cfg, frames))))
+
+
 def predict_store(model: torch.nn.Module, store: FeatureStore, positions: np.ndarray, crop: int | None = CROP_FRAMES,
-                  n_crops: int = N_CROPS, batch_size: int = 64, progress: bool = False) -> np.ndarray:
+                  n_crops: int = N_CROPS, batch_size: int = BATCH_SIZE, progress: bool = False) -> np.ndarray:
     """Return probabilities (len(positions), genres) for the tracks at `positions` of `store`."""
     device = next(model.parameters()).device
     out = np.zeros((len(positions), len(store.genres)), np.float32)
@@ -51,6 +75,10 @@ def evaluate(model_path: str | Path, store_path: str | Path, split: str | None =
              crop: int = CROP_FRAMES, n_crops: int = N_CROPS, seed: int | None = None, out: str | Path | None = None,
              progress: bool = True, whole_sequence: bool = False) -> dict:
     """Return (and write to `out`, with predictions.npz beside it) the metrics of a model on a split.
+
+    whole_sequence=True also scores each track's whole sequence at once ("metrics_whole_sequence"),
+    in batches sized so that their attention stays within WHOLE_SEQUENCE_BUDGET. It is off by default:
+    the models were trained on crops of at most 256 frames, not on whole 938-frame tracks.
 
     `split` and `seed` default to those the model was trained with (its provenance). Tracks
     of the evaluated part that were in the model's own training split are counted in
@@ -79,7 +107,6 @@ def evaluate(model_path: str | Path, store_path: str | Path, split: str | None =
     y_true = store.targets[positions].astype(np.int8)
     prior = store.targets[train_positions].mean(0)  # the prior-only predictor knows the training prevalence
     scores = predict_store(model_file.model, store, positions, crop, n_crops, progress=progress)
-    whole = predict_store(model_file.model, store, positions, None, progress=False)
     result = {
         "model": str(model_path),
         "model_kind": model_file.config.kind,
@@ -92,16 +119,29 @@ def evaluate(model_path: str | Path, store_path: str | Path, split: str | None =
         "n_failed_in_store": int(len(store.failed)),
         "crops": {"length": crop, "count": n_crops},
         "metrics": tagging_metrics(y_true, scores, store.genres, prior),
-        "metrics_whole_sequence": tagging_metrics(y_true, whole, store.genres, prior),
         "top_level_accuracy": _top_level(store, positions, scores, train_positions),
     }
+    arrays = {"track_ids": store.track_ids[positions], "y_true": y_true, "scores": scores, "prior": prior,
+              "genres": np.array(store.genres)}
+    if whole_sequence:
+        frames = store.item(int(positions[0])).shape[0] if len(positions) else 0
+        batch = whole_sequence_batch(model_file.config, max(frames, 1))
+        arrays["scores_whole"] = whole = predict_store(model_file.model, store, positions, None, batch_size=batch)
+        result["metrics_whole_sequence"] = tagging_metrics(y_true, whole, store.genres, prior)
+        result["whole_sequence"] = {"frames": frames, "batch_size": batch}
     if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out, json.dumps(result, indent=1))
-        np.savez_compressed(out.with_name("predictions.npz"), track_ids=store.track_ids[positions], y_true=y_true,
-                            scores=scores, scores_whole=whole, prior=prior, genres=np.array(store.genres))
+        _write(Path(out), result, arrays)
     return result
+
+
+def _write(out: Path, result: dict, arrays: dict[str, np.ndarray]) -> None:
+    """Write predictions.npz, then `out` (metrics.json): a complete metrics.json marks a complete evaluation."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Remove the old marker first: a crash between the two writes then leaves no metrics.json
+    # beside a predictions.npz it does not describe.
+    out.unlink(missing_ok=True)
+    atomic_savez(out.with_name("predictions.npz"), **arrays)
+    atomic_write_text(out, json.dumps(result, indent=1))
 
 
 def _positions_or_none(store: FeatureStore, split: str, seed: int) -> np.ndarray:

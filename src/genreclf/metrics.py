@@ -27,9 +27,13 @@ SUMMARY = ("ap_weighted", "ap_micro", "ap_macro", "roc_auc_macro")
 DESCRIPTIONS = {
     "ap_weighted": "per-genre AP weighted by positives (the reference's \"micro-average\")",
     "ap_micro": "micro-averaged AP over all (track, genre) pairs",
-    "ap_macro": "mean AP over genres present in the split",
-    "roc_auc_macro": "mean ROC-AUC over genres present in the split",
+    "ap_macro": "mean AP over the genres with a positive in the test set",
+    "roc_auc_macro": "mean ROC-AUC over the genres with a positive and a negative in the test set",
 }
+
+MACRO_GENRE_SET = ("ap_macro averages the n_genres_ap genres with a positive in the full test set, roc_auc_macro "
+                   "the n_genres_roc_auc with a positive and a negative; every bootstrap resample averages the same "
+                   "genres, a genre without positives (or negatives) in a resample keeping its full-set value")
 
 
 def _check(y_true: np.ndarray, y_score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -246,6 +250,7 @@ def tagging_metrics(
         "n_genres": int(n_genres),
         "n_genres_ap": int(present.sum()),
         "n_genres_roc_auc": int((~np.isnan(auc)).sum()),
+        "macro_genre_set": MACRO_GENRE_SET,
         "n_positive_pairs": int(support.sum()),
         "ap_weighted": _weighted(ap, support),
         "ap_micro": ap_micro(y_true, y_score),
@@ -283,11 +288,28 @@ def _weighted_metric(name: str, y_true: np.ndarray, y_score: np.ndarray) -> Call
         micro = _ranked_micro(y_true, y_score)
         return lambda w: float(micro.ap(w)[0])
     ranked = _Ranked(y_true, y_score)
-    if name == "ap_macro":
-        return lambda w: _macro(ranked.ap(w))
     if name == "ap_weighted":
         return lambda w: _weighted(ranked.ap(w), ranked.support(w))
-    return lambda w: _macro(ranked.roc_auc(w))
+    per_genre = ranked.ap if name == "ap_macro" else ranked.roc_auc
+    full = per_genre(np.ones(len(y_true), dtype=np.int64))
+    return lambda w: fixed_set_macro(per_genre(w), full)
+
+
+def fixed_set_macro(resampled: np.ndarray, full: np.ndarray) -> float:
+    """Mean over the genres defined on the full test set; one undefined in a resample keeps its full-set value.
+
+    A macro average is a mean over a set of genres, and its bootstrap must average the same set
+    every time: the genres defined on the full test set (AP: a positive; ROC-AUC: a positive and
+    a negative). A resample that misses a rare genre's only positives says nothing about that
+    genre's AP, so the genre keeps its full-set value there. Dropping it instead (the mean over the
+    genres the resample happens to hold) shifts the resamples towards the frequent genres, which
+    score higher, and biases the interval upward; AP 0 would bias it downward. Keeping the value
+    understates the rare genre's share of the variance a little, as its value does not vary there.
+    """
+    fixed = ~np.isnan(full)
+    if not fixed.any():
+        return float("nan")
+    return float(np.where(np.isnan(resampled), full, resampled)[fixed].mean())
 
 
 def _resolve(metric_fn: Metric | str) -> tuple[Metric, str | None]:
@@ -377,8 +399,9 @@ def bootstrap_ci(
     """Return (point, low, high): the metric and its BCa interval over track resamples.
 
     metric_fn(y_true, y_score) -> float, or the name of (or one of) ap_macro,
-    ap_weighted, ap_micro, roc_auc_macro, which use a fast path that gives the
-    same resamples and values. Resamples where the metric is nan are dropped.
+    ap_weighted, ap_micro, roc_auc_macro, which use a fast path (the same resamples,
+    as integer track weights). Resamples where the metric is nan are dropped. The
+    macro averages' resamples average the genre set of the full data (fixed_set_macro).
     """
     points, stats, jack = _boot_stats(y_true, [y_score], metric_fn, n_boot, seed)
     return (points[0], *_interval(stats[:, 0], points[0], jack[:, 0], alpha))

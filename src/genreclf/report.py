@@ -4,8 +4,9 @@
 genreclf.evaluate when they are missing, stale, or from another split or store) and writes
 
     OUT/report.md                 what was measured, metrics with 95% BCa bootstrap intervals and chance
-                                  levels, paired differences, top-level accuracy, crop averaging,
-                                  per-genre table, and the figures below
+                                  levels, paired differences, top-level accuracy, crop averaging
+                                  (against whole-sequence scores, where measured), per-genre table,
+                                  and the figures below
     OUT/report.json               the same numbers, machine-readable
     OUT/metrics.png               summary metrics with intervals and chance levels, every run
     OUT/per_genre_ap_SPLIT.png    per-genre AP of the most frequent genres, runs side by side
@@ -22,6 +23,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,9 +33,10 @@ import pandas as pd
 
 from genreclf import __version__
 from genreclf.data import SPLITS, split_positions
-from genreclf.errors import GenreclfError
+from genreclf.errors import GenreclfError, first_line
 from genreclf.evaluate import evaluate
-from genreclf.metrics import SUMMARY, bootstrap_ci, paired_bootstrap_diff, per_genre_metrics, tagging_metrics
+from genreclf.metrics import (MACRO_GENRE_SET, SUMMARY, bootstrap_ci, paired_bootstrap_diff, per_genre_metrics,
+                              tagging_metrics)
 from genreclf.modelfile import ModelFile
 from genreclf.report_figures import learning_curves_figure, metrics_figure, per_genre_figure, pr_figure
 from genreclf.report_markdown import render
@@ -48,7 +52,8 @@ BOOT_SEED = 0  # one seed for every interval, so runs on the same tracks share r
 EXAMPLE_GENRE = "Hip-Hop"  # the reference study's precision-recall example
 N_PR_FREQUENT = 3  # default PR genres: this many most frequent, plus EXAMPLE_GENRE
 N_BAR_GENRES = 30  # genres in the per-genre AP chart, by support
-PREDICTION_KEYS = ("track_ids", "y_true", "scores", "scores_whole", "prior", "genres")
+PREDICTION_KEYS = ("track_ids", "y_true", "scores", "prior", "genres")
+WHOLE_KEY = "scores_whole"  # in predictions.npz only when evaluated with whole_sequence=True
 
 
 @dataclass
@@ -60,7 +65,7 @@ class Run:
     provenance: dict  # from the model file: store, split, labels, subset, git, ...
     evaluation: dict  # RUN/metrics.json
     predictions: dict[str, np.ndarray]  # RUN/predictions.npz
-    history: pd.DataFrame | None  # epoch, train_loss, val_loss (None without logs)
+    history: pd.DataFrame | None  # epoch, train_loss, val_loss (None without RUN/logs/metrics.csv)
     checked: bool  # the predictions were checked against the store's split
 
     @property
@@ -83,33 +88,58 @@ class ReportResult:
 # ---------------------------------------------------------------------------- loading runs
 
 
+CURVE_COLUMNS = ["epoch", "train_loss", "val_loss"]  # of train.EpochLog's RUN/logs/metrics.csv
+
+
 def learning_curve(csv_path: Path) -> pd.DataFrame | None:
-    """Return train_loss and val_loss per epoch from a Lightning CSVLogger file, or None."""
+    """Return epoch, train_loss and val_loss from training's RUN/logs/metrics.csv (one row per epoch), or None."""
     if not csv_path.is_file():
         return None
-    df = pd.read_csv(csv_path)
-    losses = [c for c in ("train_loss", "val_loss") if c in df.columns]
-    if "epoch" not in df.columns or not losses:
+    try:
+        df = pd.read_csv(csv_path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        log.warning("%s: unreadable (%s); no learning curve for this run", csv_path, first_line(e))
         return None
-    # CSVLogger writes the epoch's training and validation metrics on separate rows.
-    curve = df.groupby("epoch")[losses].last().reset_index()
-    return curve.reindex(columns=["epoch", "train_loss", "val_loss"])
+    if any(c not in df.columns for c in CURVE_COLUMNS):
+        log.warning("%s: not a genreclf training log (columns %s); no learning curve", csv_path, list(df.columns))
+        return None
+    # The log is appended to once per epoch; a run killed mid-write can leave a partial last row.
+    curve = df[CURVE_COLUMNS].apply(pd.to_numeric, errors="coerce").dropna(subset=["epoch"])
+    curve = curve.astype({"epoch": int}).drop_duplicates("epoch", keep="last").sort_values("epoch")
+    return curve.reset_index(drop=True)
 
 
-def _stale_reason(run_dir: Path, store: FeatureStore | None, split: str, seed: int) -> str | None:
+def read_predictions(path: Path) -> dict[str, np.ndarray]:
+    """Return the arrays of an evaluation's predictions.npz; GenreclfError if it is truncated or corrupt."""
+    try:
+        with np.load(path) as npz:
+            missing = [k for k in PREDICTION_KEYS if k not in npz]
+            if missing:
+                raise GenreclfError(f"{path}: from an older genreclf (no {', '.join(missing)}); re-evaluate the run")
+            return {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        raise GenreclfError(f"{path}: unreadable ({first_line(e)}); re-evaluate the run "
+                            "(`genreclf evaluate`, or give --store to the report)") from None
+
+
+def _stale_reason(run_dir: Path, store: FeatureStore | None, split: str, seed: int,
+                  whole_sequence: bool = False) -> str | None:
     """Why RUN/metrics.json + predictions.npz cannot be used for `split` of `store` (None: usable)."""
     metrics, preds = run_dir / "metrics.json", run_dir / "predictions.npz"
     if not metrics.is_file() or not preds.is_file():
         return "no metrics.json and predictions.npz"
     if metrics.stat().st_mtime < (run_dir / "model.safetensors").stat().st_mtime:
         return "the model is newer than its evaluation"
-    ev = json.loads(metrics.read_text())
+    try:
+        ev = json.loads(metrics.read_text())
+        p = read_predictions(preds)
+    except (ValueError, GenreclfError) as e:
+        return first_line(e, None)
     if ev.get("split") != split or ev.get("part") != PART:
         return f"evaluated on the {ev.get('part')} part of the {ev.get('split')} split"
-    with np.load(preds) as npz:
-        if any(k not in npz for k in PREDICTION_KEYS):
-            return "predictions.npz from an older genreclf"
-        track_ids, y_true = npz["track_ids"], npz["y_true"]
+    if whole_sequence and WHOLE_KEY not in p:
+        return "whole-sequence scores asked for but not measured"
+    track_ids, y_true = p["track_ids"], p["y_true"]
     if store is None:
         return None
     positions = split_positions(store, PART, split, seed)
@@ -121,11 +151,12 @@ def _stale_reason(run_dir: Path, store: FeatureStore | None, split: str, seed: i
 
 
 def load_run(run_dir: Path, store: Path | None = None, split: str | None = None, progress: bool = True,
-             stores: dict[Path, FeatureStore] | None = None) -> Run:
+             stores: dict[Path, FeatureStore] | None = None, whole_sequence: bool = False) -> Run:
     """Return a run with its test-set evaluation, evaluating it first if needed.
 
     store and split default to those the run was trained on (its model file's provenance);
-    `stores` caches opened stores between calls.
+    `stores` caches opened stores between calls. whole_sequence=True re-evaluates a run whose
+    evaluation lacks whole-sequence scores.
     """
     run_dir = Path(run_dir)
     model_path = run_dir / "model.safetensors"
@@ -143,18 +174,17 @@ def load_run(run_dir: Path, store: Path | None = None, split: str | None = None,
         if store_path.resolve() not in stores:
             stores[store_path.resolve()] = FeatureStore.open(store_path)  # an explicit --store must open
         store_obj = stores[store_path.resolve()]
-    reason = _stale_reason(run_dir, store_obj, split, seed)
+    reason = _stale_reason(run_dir, store_obj, split, seed, whole_sequence)
     if reason is not None:
         if store_obj is None:
             raise GenreclfError(f"{run_dir}: {reason}, and its feature store {store_path} is not there; "
                                 "give the store with --store")
         log.info("evaluating %s on the %s split (%s)", run_dir, split, reason)
         evaluate(model_path, store_path, split=split, part=PART, seed=seed, out=run_dir / "metrics.json",
-                 progress=progress)
+                 progress=progress, whole_sequence=whole_sequence)
     elif store_obj is None:
         log.warning("%s: store %s is not there; using its metrics.json without checking it", run_dir, store_path)
-    with np.load(run_dir / "predictions.npz") as npz:
-        preds = {k: npz[k] for k in PREDICTION_KEYS}
+    preds = read_predictions(run_dir / "predictions.npz")
     preds["genres"] = [str(g) for g in preds["genres"]]
     return Run(run_dir.name, run_dir, prov, json.loads((run_dir / "metrics.json").read_text()), preds,
                learning_curve(run_dir / "logs" / "metrics.csv"), store_obj is not None)
@@ -205,11 +235,8 @@ def run_summary(run: Run, n_boot: int) -> dict:
     log.info("bootstrap intervals for %s", run.name)
     p, ev = run.predictions, run.evaluation
     crops = tagging_metrics(p["y_true"], p["scores"], p["genres"], p["prior"])
-    whole = tagging_metrics(p["y_true"], p["scores_whole"], p["genres"], p["prior"])
     metrics = {m: {**_ci(p["y_true"], p["scores"], m, n_boot), "chance": crops[f"chance_{m}"],
                    "random": crops.get(f"random_{m}")} for m in SUMMARY}
-    crop_diff = paired_bootstrap_diff(p["y_true"], p["scores"], p["scores_whole"], "ap_weighted", n_boot=n_boot,
-                                      seed=BOOT_SEED, alpha=ALPHA)
     prov = run.provenance
     return {
         "name": run.name, "run_dir": str(run.run_dir), "model_kind": ev.get("model_kind"),
@@ -220,9 +247,23 @@ def run_summary(run: Run, n_boot: int) -> dict:
         "subset": prov.get("subset"), "git": prov.get("git"), "trained": prov.get("date"),
         "train_tracks": prov.get("train_tracks"), "checked_against_store": run.checked,
         "metrics": metrics, "top_level": ev.get("top_level_accuracy"),
-        "crop_averaging": {"crops": ev.get("crops"), "whole": {m: whole[m] for m in SUMMARY},
-                           "crops_mean": {m: crops[m] for m in SUMMARY}, "ap_weighted_diff": crop_diff},
+        "macro_genres": {"ap_macro": crops["n_genres_ap"], "roc_auc_macro": crops["n_genres_roc_auc"],
+                         "of": crops["n_genres"], "rule": MACRO_GENRE_SET},
+        "crop_averaging": _crop_averaging(run, crops, n_boot),
     }
+
+
+def _crop_averaging(run: Run, crops: dict, n_boot: int) -> dict:
+    """Return crop-mean vs whole-sequence metrics and their paired ap_weighted difference (whole: None if unmeasured)."""
+    p = run.predictions
+    out = {"crops": run.evaluation.get("crops"), "crops_mean": {m: crops[m] for m in SUMMARY}, "whole": None,
+           "ap_weighted_diff": None}
+    if WHOLE_KEY in p:
+        whole = tagging_metrics(p["y_true"], p[WHOLE_KEY], p["genres"], p["prior"])
+        out["whole"] = {m: whole[m] for m in SUMMARY}
+        out["ap_weighted_diff"] = paired_bootstrap_diff(p["y_true"], p["scores"], p[WHOLE_KEY], "ap_weighted",
+                                                        n_boot=n_boot, seed=BOOT_SEED, alpha=ALPHA)
+    return out
 
 
 def compare(group: list[Run], n_boot: int) -> list[dict]:
@@ -282,14 +323,18 @@ def _group_section(group: list[Run], out_dir: Path, n_boot: int, pr_genres: list
 
 
 def build_report(run_dirs: list[Path], out_dir: Path, store: Path | None = None, split: str | None = None,
-                 n_boot: int = 1000, pr_genres: list[str] | None = None, progress: bool = True) -> ReportResult:
-    """Write report.md, report.json and PNG figures comparing the runs to `out_dir`; return what was written."""
+                 n_boot: int = 1000, pr_genres: list[str] | None = None, progress: bool = True,
+                 whole_sequence: bool = False) -> ReportResult:
+    """Write report.md, report.json and PNG figures comparing the runs to `out_dir`; return what was written.
+
+    whole_sequence=True compares crop averaging with whole-sequence scores, evaluating runs that lack them.
+    """
     if not run_dirs:
         raise GenreclfError("give at least one run folder written by `genreclf train`")
     if n_boot < 1:
         raise GenreclfError(f"the number of bootstrap resamples must be at least 1, got {n_boot}")
     stores: dict[Path, FeatureStore] = {}
-    runs = [load_run(Path(d), store, split, progress, stores) for d in run_dirs]
+    runs = [load_run(Path(d), store, split, progress, stores, whole_sequence) for d in run_dirs]
     _unique_names(runs)
     groups = group_runs(runs)
     out_dir = Path(out_dir)

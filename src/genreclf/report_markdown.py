@@ -58,6 +58,7 @@ def _metrics(s: dict, group: dict) -> list[str]:
     rows = [[m, _f(runs[0]["metrics"][m]["chance"])] + [_ci(r["metrics"][m]) for r in runs] for m in SUMMARY]
     lines += _table(["metric", "chance"] + [r["name"] for r in runs], rows)
     lines += [f"- `{m}`: {DESCRIPTIONS[m]}." for m in SUMMARY]
+    lines += ["", _macro_genres(runs[0]["macro_genres"])]
     lines += ["", "Values are point estimates with 95% BCa bootstrap intervals over test tracks "
               f"({s['n_boot']} resamples). Chance is the prior-only predictor (the training prevalence of each "
               "genre as a constant score): its AP for a genre is the genre's test prevalence, its ROC-AUC 0.5.", ""]
@@ -80,6 +81,15 @@ def _metrics(s: dict, group: dict) -> list[str]:
     return lines
 
 
+def _macro_genres(g: dict) -> str:
+    return (f"The macro averages are means over a fixed set of genres, those present in the full test set: "
+            f"`ap_macro` over the {g['ap_macro']} of the {g['of']} genres with a positive test track, "
+            f"`roc_auc_macro` over the {g['roc_auc_macro']} with a positive and a negative. Every bootstrap "
+            "resample averages the same genres; a resample that misses all positives (or negatives) of a genre "
+            "holds no information on it, so that genre keeps its full-set value there. Dropping it instead "
+            "would average mostly frequent, better-scored genres in those resamples and push the interval up.")
+
+
 def _top_level(s: dict) -> list[str]:
     lines = ["## FMA's single-label view: top-level genre accuracy", "",
              "The argmax over the 16 top-level genres against each track's `genre_top` (tracks without one "
@@ -97,10 +107,17 @@ def _crops(s: dict) -> list[str]:
              "Scores of the whole sequence at once against the mean over evenly spaced crops (the reference's "
              "test-time augmentation; short tracks get fewer crops). The gain is crops − whole, with its paired "
              "95% bootstrap interval for ap_weighted.", ""]
+    unmeasured = [r["name"] for r in s["runs"] if r["crop_averaging"]["whole"] is None]
+    if unmeasured:
+        lines += [f"Whole-sequence scores were not measured for {', '.join(unmeasured)}: the models were trained on "
+                  "crops of at most 256 frames, so whole 938-frame sequences are scored only when asked for "
+                  "(`genreclf evaluate --whole-sequence`, or `build_report(..., whole_sequence=True)`).", ""]
     rows = []
     for r in s["runs"]:
         c = r["crop_averaging"]
         crops = c["crops"] or {}
+        if c["whole"] is None:
+            continue
         for m in SUMMARY:
             whole, mean = c["whole"][m], c["crops_mean"][m]
             gain = _f(mean - whole, sign=True) if None not in (whole, mean) else "n/a"
@@ -109,7 +126,7 @@ def _crops(s: dict) -> list[str]:
                 gain += f" [{_f(d['low'], sign=True)}, {_f(d['high'], sign=True)}]"
             rows.append([r["name"], m, _f(whole), _f(mean), gain])
         rows[-len(SUMMARY)][0] += f" (up to {crops.get('count', '?')} crops of {crops.get('length', '?')} frames)"
-    return lines + _table(["run", "metric", "whole sequence", "mean of crops", "gain"], rows)
+    return lines + (_table(["run", "metric", "whole sequence", "mean of crops", "gain"], rows) if rows else [])
 
 
 def _per_genre(group: dict) -> list[str]:
