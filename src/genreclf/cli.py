@@ -211,7 +211,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from genreclf.report import build_report
 
     result = build_report(args.runs, args.out, store=args.store, split=args.split, n_boot=args.boot,
-                          pr_genres=args.pr_genre, progress=not args.quiet)
+                          pr_genres=args.pr_genre, progress=not args.quiet, whole_sequence=args.whole_sequence)
     print(f"report written to {result.markdown} (with {result.json.name} and {len(result.figures)} figures)")
     return 0
 
@@ -484,7 +484,8 @@ def _add_report(p: argparse.ArgumentParser) -> None:
         "Write OUT/report.md, report.json and PNG figures for one or more runs: each metric with its "
         "chance level and a 95%% bootstrap interval over tracks, paired bootstrap differences between runs "
         "evaluated on the same tracks, top-level genre accuracy, per-genre AP and ROC-AUC, precision-recall "
-        "curves, learning curves, and whole-sequence vs crop averaging. Runs are evaluated first where needed.")
+        "curves, learning curves, and (with --whole-sequence) whole-sequence vs crop averaging. Runs are evaluated "
+        "first where needed.")
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="run folders from `genreclf train`")
     p.add_argument("--out", type=Path, required=True, help="folder for the report")
     p.add_argument("--store", type=Path, default=_default(build_report, "store"),
@@ -495,6 +496,8 @@ def _add_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("--boot", type=_positive_int, default=_default(build_report, "n_boot"), help="bootstrap resamples")
     p.add_argument("--pr-genre", action="append", default=_default(build_report, "pr_genres"), metavar="GENRE",
                    help="genre for the precision-recall plot (repeatable; default: 3 most frequent + Hip-Hop)")
+    p.add_argument("--whole-sequence", action="store_true",
+                   help="also compare crop averaging with scoring each whole sequence at once (slower)")
     p.set_defaults(func=cmd_report)
 
 

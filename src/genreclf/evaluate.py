@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from genreclf.data import split_positions
 from genreclf.errors import GenreclfError
 from genreclf.metrics import SUMMARY, tagging_metrics, top_level_accuracy
 from genreclf.modelfile import ModelFile
 from genreclf.models import ModelConfig
+from genreclf.progress import progress_bar
 from genreclf.predict import CROP_FRAMES, N_CROPS, score_features
 from genreclf.atomic import atomic_savez, atomic_write_text
 from genreclf.store import FeatureStore
@@ -56,11 +56,14 @@ def predict_store(model: torch.nn.Module, store: FeatureStore, positions: np.nda
     device = next(model.parameters()).device
     out = np.zeros((len(positions), len(store.genres)), np.float32)
     model.eval()
-    for b in tqdm(range(0, len(positions), batch_size), desc="predict", unit="batch", disable=not progress):
+    bar = progress_bar(len(positions), desc="evaluate", unit="track", enabled=progress)
+    for b in range(0, len(positions), batch_size):
         batch = positions[b : b + batch_size]
         x = torch.from_numpy(np.stack([store.item(int(p)) for p in batch]).astype(np.float32)).to(device)
         valid = torch.from_numpy(store.valid_frames[batch]).to(device)
         out[b : b + len(batch)] = score_features(model, x, valid, crop, n_crops).cpu().numpy()
+        bar.update(len(batch))
+    bar.close()
     return out
 
 
