@@ -58,7 +58,7 @@ class FitConfig:
     early_stopping: int = 0  # stop after this many epochs without a better val_loss (0: never)
     pretrained: str | None = None  # encoder.safetensors from `genreclf pretrain` (transformer only)
     accelerator: str = "auto"  # Lightning accelerator: auto, cpu, gpu
-    devices: str = "auto"  # Lightning devices: auto, or a number of GPUs/processes (DDP)
+    devices: str = "1"  # Lightning devices: 1 unless asked ("auto" takes every GPU: DDP); "4" for DDP on 4 GPUs
 
 
 @dataclass(frozen=True)
