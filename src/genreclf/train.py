@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import pickle
 import time
 import warnings
 from dataclasses import dataclass
@@ -159,7 +160,13 @@ def _prepare(store_path: str | Path, run_dir: str | Path, fit: FitConfig, optim:
 
 def _check_resumable(last: Path, fit: FitConfig, n_genres: int) -> int:
     """Refuse to resume a run with another model or genre vocabulary; return the epoch to resume at."""
-    checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+    try:  # weights_only: tensors and plain values only, as unpickling anything else can run code
+        checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise GenreclfError(f"{last} holds objects other than tensors and plain values (loading them could run "
+                            "code; genreclf's checkpoints hold none); not resuming it: pick a new --out") from None
+    except (RuntimeError, EOFError, ValueError) as e:
+        raise GenreclfError(f"{last}: cannot read the checkpoint ({first_line(e, 80)}); pick a new --out") from None
     config = checkpoint.get("hyper_parameters", {}).get("model_config", {})
     if config.get("kind") != fit.model or config.get("n_genres") != n_genres:
         raise GenreclfError(
