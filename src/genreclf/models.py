@@ -203,7 +203,7 @@ class TransformerEncoder(nn.Module):
 
     def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
         """Return per-frame features (batch, frames, n_mels); padded frames hold junk."""
-        b, t, d = x.shape
+        b, t, _ = x.shape
         mask = None if lengths is None else frame_mask(lengths, b, t, x.device)
         if mask is not None:
             # Zero the padding so that NaN/inf there cannot leak through 0-weight attention.
