@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import math
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -16,9 +17,9 @@ from lightning.pytorch.callbacks import Callback
 
 from genreclf.data import CropBatchSampler, loader, split_positions
 from genreclf.errors import GenreclfError
-from genreclf.lightning_modules import TrainConfig
+from genreclf.lightning_modules import PretrainConfig, TrainConfig
 from genreclf.store import FeatureStore
-from genreclf.train import EpochLog, FitConfig, _trainer, train
+from genreclf.train import EpochLog, FitConfig, _trainer, pretrain, train
 
 # early_stopping: its state is in the checkpoints too (it never stops runs this short)
 FIT = FitConfig(model="gru", epochs=2, batch_size=8, seed=3, accelerator="cpu", early_stopping=5)
@@ -163,3 +164,21 @@ def test_train_leaves_warning_filters_and_log_levels_as_they_were(store_dir, tmp
         assert logger.level == logging.INFO
     finally:
         logger.setLevel(level)
+
+
+@pytest.mark.parametrize("run", [train, pretrain])
+def test_no_progress_bar_when_output_is_not_a_terminal(store_dir, tmp_path, capfd, run):
+    assert not sys.stdout.isatty() and not sys.stderr.isatty()  # pytest captures both, as `> log 2>&1` would
+    log = logging.getLogger("genreclf")
+    handler, level = logging.StreamHandler(sys.stderr), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        fit = dataclasses.replace(FIT, epochs=2, workers=0)
+        run(store_dir, tmp_path / "run", fit, OPTIM if run is train else PretrainConfig(), progress=True)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    out, err = capfd.readouterr()
+    assert "\r" not in out and "\r" not in err  # Lightning's bar draws on stdout
+    assert "epoch 1/2" in err and "epoch 2/2" in err  # EpochLog's line per epoch instead

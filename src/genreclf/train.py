@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import pickle
+import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -234,7 +235,7 @@ def _trainer(run_dir: Path, fit: FitConfig, progress: bool, extra: Sequence[Call
         callbacks.append(EarlyStopping("val_loss", patience=fit.early_stopping, mode="min"))
     # Lightning draws its bar on stdout; in a log file that is thousands of \r-separated refreshes,
     # so off a terminal EpochLog's one line per epoch is the progress report.
-    bar = progress
+    bar = progress and sys.stdout is not None and sys.stdout.isatty()
     if bar:
         callbacks.append(TQDMProgressBar(refresh_rate=1))
     try:
