@@ -126,9 +126,9 @@ def test_every_epoch_is_checkpointed_for_resume(pipeline, tmp_path):
     run = tmp_path / "run"
     assert main(["-q", "train", "--model", "gru", "--store", str(pipeline / "store"), "--out", str(run),
                  "--epochs", "3", "--batch-size", "8", "--lr", "5e-2", "--workers", "0"]) == 0
-    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["epoch"] == 2
-    best = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    best = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
     logged = pd.read_csv(run / "logs" / "metrics.csv")
     assert best["epoch"] == int(logged.loc[logged["val_loss"].idxmin(), "epoch"])
 
@@ -145,7 +145,7 @@ def test_killed_training_resumes_from_the_saved_epoch(pipeline, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run / "model.safetensors").exists(), "training finished before it could be interrupted"
-    saved_epoch = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["epoch"]
+    saved_epoch = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["epoch"]
     resume = ["-q", "train", "--model", "gru", "--store", str(pipeline / "store"), "--out", str(run),
               "--epochs", str(saved_epoch + 2), "--batch-size", "4", "--lr", "1e-3", "--workers", "0", "--resume"]
     assert main(resume) == 0
@@ -183,7 +183,7 @@ def test_resumed_run_equals_an_uninterrupted_one(pipeline, tmp_path, workers):
     assert _train(pipeline, tmp_path / "straight", "--epochs", "3", "--workers", workers) == 0
     assert _train(pipeline, tmp_path / "resumed", "--epochs", "1", "--workers", workers) == 0
     assert _train(pipeline, tmp_path / "resumed", "--epochs", "3", "--workers", workers, "--resume") == 0
-    a, b = (torch.load(tmp_path / r / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    a, b = (torch.load(tmp_path / r / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
             for r in ("straight", "resumed"))
     assert a["epoch"] == b["epoch"] == 2
     for name, weight in a["state_dict"].items():

@@ -6,6 +6,7 @@ import json
 import math
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -26,6 +27,7 @@ from genreclf.models import (
     config_from_dict,
     config_to_dict,
     count_parameters,
+    frame_mask,
     model_from_config,
     sinusoidal_encoding,
 )
@@ -89,6 +91,40 @@ def test_positional_encoding_matches_tf_tutorial_formula():
     assert pe[pos, 4].item() == pytest.approx(math.sin(pos / 10000 ** (4 / 128)), abs=1e-6)
     # Computed for any length: a prefix of a longer table.
     torch.testing.assert_close(sinusoidal_encoding(10, 128), pe[:10])
+
+
+def _tutorial_encoding(frames: int, dim: int) -> torch.Tensor:
+    """The TF tutorial's numpy formula, in float64."""
+    pos, i = np.arange(frames)[:, None], np.arange(dim)
+    angles = pos / np.power(10000, (2 * (i // 2)) / dim)
+    return torch.from_numpy(np.where(i % 2 == 0, np.sin(angles), np.cos(angles)))
+
+
+def test_positional_encoding_is_built_once_and_leaves_outputs_and_model_files_unchanged():
+    torch.manual_seed(0)
+    model = TransformerTagger(SMALL_TRSF).eval()
+    enc, d = model.encoder, SMALL_TRSF.n_mels
+    params = {name for name, _ in model.named_parameters()}
+    assert set(model.state_dict()) == params  # the table is not in model files: old ones still load
+    table = enc.pe
+    assert table.shape == (938, d) and table.dtype == torch.float32
+    for frames in (37, 938, 1200):  # 1200: longer than a clip, the table grows
+        x = torch.rand(2, frames, d) * 2 - 1
+        lengths = torch.tensor([frames, frames // 2])
+        mask = frame_mask(lengths, 2, frames, x.device)
+        with torch.no_grad():
+            got = enc(x, lengths)
+            ref = x.masked_fill(~mask.unsqueeze(-1), 0.0) * math.sqrt(d) + _tutorial_encoding(frames, d).float()
+            for layer in enc.layers:
+                ref = layer(ref, mask)
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)
+        if frames <= 938:
+            assert enc.pe is table  # not rebuilt at every forward
+    assert enc.pe.shape == (1200, d)
+    assert set(model.state_dict()) == params
+    TransformerTagger(SMALL_TRSF).load_state_dict(model.state_dict())  # strict
+    with torch.no_grad():  # float64 models get the table in float64
+        assert enc.double()(torch.zeros(1, 5, d, dtype=torch.float64)).dtype == torch.float64
 
 
 def test_weighted_bce_matches_hand_computation():

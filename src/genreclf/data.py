@@ -83,31 +83,30 @@ class CropBatchSampler(Sampler):
     """Shuffled batches of random crops; one crop length per batch, drawn from [min_frames, max_frames].
 
     Short clips give shorter crops (their real frames only); the model masks the padding.
-    Each epoch draws new crops; `set_epoch` makes epoch e's draw reproducible on resume.
+    Iteration i draws epoch first_epoch + i, from default_rng([seed, epoch]): a run resumed at
+    epoch e (first_epoch=e) draws the crops the uninterrupted run drew.
     """
 
     def __init__(self, valid_frames: np.ndarray, positions: np.ndarray, batch_size: int,
                  min_frames: int, max_frames: int, seed: int = 0, rank: int | None = None,
-                 world_size: int | None = None):
+                 world_size: int | None = None, first_epoch: int = 0):
         if not 1 <= min_frames <= max_frames:
             raise GenreclfError(f"crop lengths must satisfy 1 <= min <= max, got {min_frames}..{max_frames}")
         self.valid_frames = np.asarray(valid_frames)
         self.positions = np.asarray(positions)
         self.batch_size, self.min_frames, self.max_frames = batch_size, min_frames, max_frames
-        self.seed, self.epoch = seed, 0
+        self.seed, self.epoch = seed, first_epoch  # the epoch the next iteration draws
         self.rank, self.world_size = rank, world_size
-
-    def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch whose crops the next iteration draws."""
-        self.epoch = epoch
 
     def __len__(self) -> int:
         _, world = _rank_and_world(self.rank, self.world_size)
         return -(-(-(-len(self.positions) // world)) // self.batch_size)
 
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        # The sampler counts epochs itself, as DataLoader workers prefetch an epoch's first batches
+        # before the trainer's epoch hooks run. No set_epoch: trainers call it at times of their choosing.
         rng = np.random.default_rng([self.seed, self.epoch])
-        self.epoch += 1  # Lightning does not call set_epoch on custom batch samplers; advance ourselves
+        self.epoch += 1
         order = _this_rank(rng.permutation(self.positions), self.rank, self.world_size)
         for b in range(0, len(order), self.batch_size):
             batch = order[b : b + self.batch_size]

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from genreclf.audio import N_FRAMES
 from genreclf.errors import GenreclfError
 
 # ---------------------------------------------------------------------------
@@ -108,11 +109,12 @@ def masked_mean(h: Tensor, mask: Tensor) -> Tensor:
     return total.sum(1) / mask.sum(1, keepdim=True).clamp(min=1).to(h.dtype)
 
 
-def sinusoidal_encoding(frames: int, dim: int, device: torch.device | None = None) -> Tensor:
-    """Return the (frames, dim) sin/cos positional encoding of the TF transformer tutorial."""
-    # float64 like the tutorial's numpy; sin(938 rad) in float32 is off by ~1e-4.
-    pos = torch.arange(frames, dtype=torch.float64, device=device).unsqueeze(1)
-    i = torch.arange(dim, device=device)
+def sinusoidal_encoding(frames: int, dim: int) -> Tensor:
+    """Return the (frames, dim) float32 sin/cos positional encoding of the TF transformer tutorial, on the CPU."""
+    # float64 like the tutorial's numpy (sin(938 rad) in float32 is off by ~1e-4), and on the CPU
+    # because some accelerators (MPS) have no float64.
+    pos = torch.arange(frames, dtype=torch.float64).unsqueeze(1)
+    i = torch.arange(dim)
     angles = pos / torch.pow(10000.0, (2 * (i // 2)).to(torch.float64) / dim)
     # Interleaved: sin on even indices, cos on odd ones.
     return torch.where(i % 2 == 0, torch.sin(angles), torch.cos(angles)).float()
@@ -190,15 +192,23 @@ class TransformerEncoder(nn.Module):
         self.scale = math.sqrt(cfg.n_mels)
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_layers))
+        # Built once, for a whole clip; not persistent, so model files hold only the weights.
+        self.register_buffer("pe", sinusoidal_encoding(N_FRAMES, cfg.n_mels), persistent=False)
+
+    def positions(self, frames: int) -> Tensor:
+        """Return the (frames, dim) positional encoding, on the buffer's device."""
+        if frames > len(self.pe):  # longer than a clip (predict on a whole track): extend once
+            self.pe = sinusoidal_encoding(frames, self.pe.shape[1]).to(self.pe.device)
+        return self.pe[:frames]
 
     def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
         """Return per-frame features (batch, frames, n_mels); padded frames hold junk."""
-        b, t, d = x.shape
+        b, t, _ = x.shape
         mask = None if lengths is None else frame_mask(lengths, b, t, x.device)
         if mask is not None:
             # Zero the padding so that NaN/inf there cannot leak through 0-weight attention.
             x = x.masked_fill(~mask.unsqueeze(-1), 0.0)
-        x = x * self.scale + sinusoidal_encoding(t, d, x.device).to(x.dtype)
+        x = x * self.scale + self.positions(t).to(x.device, x.dtype)
         x = self.drop(x)
         for layer in self.layers:
             x = layer(x, mask)

@@ -11,13 +11,17 @@ A run folder holds everything a run made:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
 import json
 import logging
+import pickle
+import sys
 import time
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,7 +62,7 @@ class FitConfig:
     early_stopping: int = 0  # stop after this many epochs without a better val_loss (0: never)
     pretrained: str | None = None  # encoder.safetensors from `genreclf pretrain` (transformer only)
     accelerator: str = "auto"  # Lightning accelerator: auto, cpu, gpu
-    devices: str = "auto"  # Lightning devices: auto, or a number of GPUs/processes (DDP)
+    devices: str = "1"  # Lightning devices: 1 unless asked ("auto" takes every GPU: DDP); "4" for DDP on 4 GPUs
 
 
 @dataclass(frozen=True)
@@ -74,7 +78,7 @@ class RunResult:
 
 
 class EpochLog(Callback):
-    """Seeds each epoch (crops, dropout), appends one row per epoch to RUN/logs/metrics.csv, logs the ETA.
+    """Seeds each epoch's dropout, appends one row per epoch to RUN/logs/metrics.csv, logs the ETA.
 
     Our own log rather than Lightning's CSVLogger, which deletes the file of an interrupted
     run when it is resumed: here the learning curve survives any number of resumes.
@@ -82,8 +86,8 @@ class EpochLog(Callback):
 
     COLUMNS = ("epoch", "train_loss", "val_loss", "lr", "epoch_seconds")
 
-    def __init__(self, sampler: CropBatchSampler, max_epochs: int, path: Path, seed: int = 0):
-        self.sampler, self.max_epochs, self.path, self.seed = sampler, max_epochs, path, seed
+    def __init__(self, max_epochs: int, path: Path, seed: int = 0):
+        self.max_epochs, self.path, self.seed = max_epochs, path, seed
         self.t0 = self.t_epoch = time.monotonic()
         self.first_epoch = 0
 
@@ -98,7 +102,6 @@ class EpochLog(Callback):
         atomic_write_text(self.path, "\n".join(lines) + "\n")
 
     def on_train_epoch_start(self, trainer, module) -> None:
-        self.sampler.set_epoch(trainer.current_epoch)  # resumed runs draw the same crops
         self.t_epoch = time.monotonic()
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
@@ -150,16 +153,23 @@ def _prepare(store_path: str | Path, run_dir: str | Path, fit: FitConfig, optim:
     L.seed_everything(fit.seed, workers=True, verbose=False)
     train_pos = split_positions(store, "training", fit.split, fit.seed)
     val_pos = split_positions(store, "validation", fit.split, fit.seed)
-    sampler = CropBatchSampler(store.valid_frames, train_pos, fit.batch_size, fit.min_crop, fit.max_crop, fit.seed)
-    sampler.set_epoch(next_epoch)  # before fit: DataLoader workers prefetch before on_train_epoch_start runs
+    # A resumed run draws the crops the uninterrupted run would have drawn from next_epoch on.
+    sampler = CropBatchSampler(store.valid_frames, train_pos, fit.batch_size, fit.min_crop, fit.max_crop, fit.seed,
+                               first_epoch=next_epoch)
     val_sampler = EvenCropSampler(store.valid_frames, val_pos, fit.batch_size, fit.val_crop)
     loaders = loader(store, sampler, fit.workers), loader(store, val_sampler, fit.workers)
-    return store, run_dir, last if resume else None, sampler, loaders, (len(train_pos), len(val_pos))
+    return store, run_dir, last if resume else None, loaders, (len(train_pos), len(val_pos))
 
 
 def _check_resumable(last: Path, fit: FitConfig, n_genres: int) -> int:
     """Refuse to resume a run with another model or genre vocabulary; return the epoch to resume at."""
-    checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+    try:  # weights_only: tensors and plain values only, as unpickling anything else can run code
+        checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise GenreclfError(f"{last} holds objects other than tensors and plain values (loading them could run "
+                            "code; genreclf's checkpoints hold none); not resuming it: pick a new --out") from None
+    except (RuntimeError, EOFError, ValueError) as e:
+        raise GenreclfError(f"{last}: cannot read the checkpoint ({first_line(e, 80)}); pick a new --out") from None
     config = checkpoint.get("hyper_parameters", {}).get("model_config", {})
     if config.get("kind") != fit.model or config.get("n_genres") != n_genres:
         raise GenreclfError(
@@ -202,7 +212,8 @@ def _check_settings(run_dir: Path, settings: dict, resume: bool) -> None:
     atomic_write_text(path, json.dumps(settings, indent=1, default=str))
 
 
-def _trainer(run_dir: Path, fit: FitConfig, sampler: CropBatchSampler, progress: bool) -> L.Trainer:
+def _trainer(run_dir: Path, fit: FitConfig, progress: bool, extra: Sequence[Callback] = ()) -> L.Trainer:
+    """Return a run's Lightning trainer: best and last checkpoints, EpochLog, a bar on a terminal only."""
     loggers: list = []
     try:
         import tensorboard  # noqa: F401
@@ -217,27 +228,56 @@ def _trainer(run_dir: Path, fit: FitConfig, sampler: CropBatchSampler, progress:
         # ... and every epoch's state for --resume (save_last alone only writes when "best" improves).
         ModelCheckpoint(run_dir / "checkpoints", filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
                         enable_version_counter=False),
-        EpochLog(sampler, fit.epochs, run_dir / "logs" / "metrics.csv", fit.seed),
+        EpochLog(fit.epochs, run_dir / "logs" / "metrics.csv", fit.seed),
+        *extra,
     ]
     if fit.early_stopping:
         callbacks.append(EarlyStopping("val_loss", patience=fit.early_stopping, mode="min"))
-    if progress:
+    # Lightning draws its bar on stdout; in a log file that is thousands of \r-separated refreshes,
+    # so off a terminal EpochLog's one line per epoch is the progress report.
+    bar = progress and sys.stdout is not None and sys.stdout.isatty()
+    if bar:
         callbacks.append(TQDMProgressBar(refresh_rate=1))
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*LeafSpec.*")  # Lightning 2.6 vs torch 2.13, not ours
-    warnings.filterwarnings("ignore", ".*number of training batches.*smaller than the logging interval.*")
-    warnings.filterwarnings("ignore", ".*Checkpoint directory .* exists and is not empty.*")  # --resume writes there
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     try:
         return L.Trainer(
             default_root_dir=run_dir, max_epochs=fit.epochs, accelerator=fit.accelerator, devices=fit.devices,
-            logger=loggers or False, callbacks=callbacks, enable_progress_bar=progress, enable_model_summary=False,
+            logger=loggers or False, callbacks=callbacks, enable_progress_bar=bar, enable_model_summary=False,
             deterministic=False, num_sanity_val_steps=0, log_every_n_steps=10,
             use_distributed_sampler=False,  # CropBatchSampler shards batches across DDP ranks itself
         )
     except (MisconfigurationException, TypeError, ValueError, RuntimeError) as e:
         raise GenreclfError(f"cannot use --accelerator {fit.accelerator} --devices {fit.devices}: "
                             f"{first_line(e, None)}") from None
+
+
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Silence Lightning's advice that does not apply to our runs, for the length of a run only."""
+    logger = logging.getLogger("lightning.pytorch")
+    level = logger.level
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*LeafSpec.*")  # Lightning 2.6 vs torch 2.13, not ours
+        warnings.filterwarnings("ignore", ".*number of training batches.*smaller than the logging interval.*")
+        warnings.filterwarnings("ignore", ".*Checkpoint directory .* exists and is not empty.*")  # --resume
+        logger.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            logger.setLevel(level)
+
+
+def _fit(module: L.LightningModule, loaders: tuple, run_dir: Path, fit: FitConfig, ckpt: Path | None,
+         progress: bool, callbacks: Sequence[Callback]) -> tuple[L.Trainer, L.LightningModule]:
+    """Run Lightning's fit; return the trainer and the best epoch's module (by val_loss)."""
+    with _quiet_lightning():
+        trainer = _trainer(run_dir, fit, progress, callbacks)
+        # weights_only: our checkpoints hold plain values and tensors; anything else could run code.
+        trainer.fit(module, *loaders, ckpt_path=ckpt, weights_only=True)
+        best_path = trainer.checkpoint_callback.best_model_path
+        if best_path:
+            module = type(module).load_from_checkpoint(best_path, map_location="cpu", weights_only=True)
+    return trainer, module
 
 
 def _provenance(store: FeatureStore, fit: FitConfig, counts: tuple[int, int], extra: dict) -> dict:
@@ -250,13 +290,15 @@ def _provenance(store: FeatureStore, fit: FitConfig, counts: tuple[int, int], ex
 
 
 def train(store_path: str | Path, run_dir: str | Path, fit: FitConfig = FitConfig(),
-          optim: TrainConfig = TrainConfig(), resume: bool = False, progress: bool = True) -> RunResult:
+          optim: TrainConfig = TrainConfig(), resume: bool = False, progress: bool = True,
+          callbacks: Sequence[Callback] = ()) -> RunResult:
     """Train a GRU or Transformer tagger on the store's training split; return the run's result.
 
-    The best epoch by validation loss becomes RUN/model.safetensors.
+    The best epoch by validation loss becomes RUN/model.safetensors. `callbacks` are extra
+    Lightning callbacks (to watch a run); the progress bar is shown on a terminal only.
     """
     t0 = time.perf_counter()
-    store, run_dir, ckpt, sampler, (train_dl, val_dl), counts = _prepare(store_path, run_dir, fit, optim, resume)
+    store, run_dir, ckpt, loaders, counts = _prepare(store_path, run_dir, fit, optim, resume)
     model_cfg = MODELS[fit.model](n_genres=len(store.genres))
     module = TaggerModule(model_cfg, optim)
     if fit.pretrained:
@@ -266,10 +308,7 @@ def train(store_path: str | Path, run_dir: str | Path, fit: FitConfig = FitConfi
     params = count_parameters(module.model)
     log.info("training %s (%s parameters) on %d tracks, validating on %d (%s split) -> %s",
              fit.model, f"{params:,}", counts[0], counts[1], fit.split, run_dir)
-    trainer = _trainer(run_dir, fit, sampler, progress)
-    trainer.fit(module, train_dl, val_dl, ckpt_path=ckpt)
-    best_path = trainer.checkpoint_callback.best_model_path
-    best = TaggerModule.load_from_checkpoint(best_path, map_location="cpu") if best_path else module
+    trainer, best = _fit(module, loaders, run_dir, fit, ckpt, progress, callbacks)
     best_val = float(trainer.checkpoint_callback.best_model_score or float("nan"))
     seconds = time.perf_counter() - t0
     model_path = run_dir / "model.safetensors"
@@ -287,16 +326,14 @@ def train(store_path: str | Path, run_dir: str | Path, fit: FitConfig = FitConfi
 
 
 def pretrain(store_path: str | Path, run_dir: str | Path, fit: FitConfig = FitConfig(model="transformer"),
-             optim: PretrainConfig = PretrainConfig(), resume: bool = False, progress: bool = True) -> RunResult:
+             optim: PretrainConfig = PretrainConfig(), resume: bool = False, progress: bool = True,
+             callbacks: Sequence[Callback] = ()) -> RunResult:
     """Masked-frame pretraining of the Transformer encoder; writes RUN/encoder.safetensors."""
     t0 = time.perf_counter()
     fit = dataclasses.replace(fit, model="transformer")
-    store, run_dir, ckpt, sampler, (train_dl, val_dl), counts = _prepare(store_path, run_dir, fit, optim, resume)
+    store, run_dir, ckpt, loaders, counts = _prepare(store_path, run_dir, fit, optim, resume)
     module = PretrainModule(TransformerConfig(n_genres=len(store.genres)), optim)
-    trainer = _trainer(run_dir, fit, sampler, progress)
-    trainer.fit(module, train_dl, val_dl, ckpt_path=ckpt)
-    best_path = trainer.checkpoint_callback.best_model_path
-    best = PretrainModule.load_from_checkpoint(best_path, map_location="cpu") if best_path else module
+    trainer, best = _fit(module, loaders, run_dir, fit, ckpt, progress, callbacks)
     out = run_dir / "encoder.safetensors"
     best_val = float(trainer.checkpoint_callback.best_model_score or float("nan"))
     if not trainer.is_global_zero:
