@@ -248,9 +248,9 @@ def _help(capsys, *command: str) -> str:
 def test_defaults_are_the_librarys_own_and_help_shows_them(capsys):
     from genreclf.cli import build_parser
     from genreclf.featurize import CLIP_TIMEOUT, MIN_SECONDS
-    from genreclf.lightning_modules import PretrainConfig, TrainConfig
+    from genreclf.config import PretrainConfig, TrainConfig
     from genreclf.predict import CROP_FRAMES, N_CROPS
-    from genreclf.train import FitConfig
+    from genreclf.config import FitConfig
 
     parse = build_parser().parse_args
     fit, optim, pre = FitConfig(), TrainConfig(), PretrainConfig()

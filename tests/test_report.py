@@ -18,14 +18,15 @@ from genreclf.atomic import atomic_savez
 from genreclf.data import split_positions
 from genreclf.errors import GenreclfError
 from genreclf.evaluate import WHOLE_SEQUENCE_BUDGET, evaluate, predict_store, whole_sequence_batch, whole_sequence_bytes
-from genreclf.lightning_modules import TrainConfig
+from genreclf.config import TrainConfig
 from genreclf.metrics import average_precision, bootstrap_ci, tagging_metrics
 from genreclf.modelfile import ModelFile
 from genreclf.models import GRUConfig, TransformerConfig
 from genreclf.report import build_report, learning_curve, load_run
 from genreclf.report_figures import pr_curve
 from genreclf.store import FeatureStore
-from genreclf.train import EpochLog, FitConfig, train
+from genreclf.config import FitConfig
+from genreclf.train import EpochLog, train
 
 N_BOOT = 200
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -17,9 +17,10 @@ from lightning.pytorch.callbacks import Callback
 
 from genreclf.data import CropBatchSampler, loader, split_positions
 from genreclf.errors import GenreclfError
-from genreclf.lightning_modules import PretrainConfig, TrainConfig
+from genreclf.config import PretrainConfig, TrainConfig
 from genreclf.store import FeatureStore
-from genreclf.train import EpochLog, FitConfig, _trainer, pretrain, train
+from genreclf.config import FitConfig
+from genreclf.train import EpochLog, _trainer, pretrain, train
 
 # early_stopping: its state is in the checkpoints too (it never stops runs this short)
 FIT = FitConfig(model="gru", epochs=2, batch_size=8, seed=3, accelerator="cpu", early_stopping=5)

@@ -110,7 +110,7 @@ def cmd_featurize(args: argparse.Namespace) -> int:
 
 
 def _fit_config(args: argparse.Namespace, model: str):
-    from genreclf.train import FitConfig
+    from genreclf.config import FitConfig
 
     return FitConfig(
         model=model, epochs=args.epochs, batch_size=args.batch_size, min_crop=args.min_crop,
@@ -121,7 +121,7 @@ def _fit_config(args: argparse.Namespace, model: str):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from genreclf.lightning_modules import TrainConfig
+    from genreclf.config import TrainConfig
     from genreclf.train import train
 
     optim = TrainConfig(lr=args.lr, pos_weight=args.pos_weight, weight_decay=args.weight_decay,
@@ -134,7 +134,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from genreclf.lightning_modules import PretrainConfig
+    from genreclf.config import PretrainConfig
     from genreclf.train import pretrain
 
     optim = PretrainConfig(lr=args.lr, mask_ratio=args.mask_ratio, plateau_patience=args.plateau_patience)
@@ -282,8 +282,8 @@ def _add_verbosity(p: argparse.ArgumentParser, default: bool | str) -> None:
 
 def _add_split(p: argparse.ArgumentParser, default: str | None, help_text: str, hint: str) -> None:
     """Add --split; a part name given to it (FMA calls its parts splits) is answered with `hint`."""
-    from genreclf.data import SPLITS
-    from genreclf.metadata import SPLITS as PARTS  # FMA's own word for training/validation/test
+    from genreclf.config import SPLITS
+    from genreclf.metadata import PARTS  # FMA's own word for training/validation/test
 
     def split(text: str) -> str:
         if text in PARTS:
@@ -369,8 +369,7 @@ def _add_featurize(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
-    from genreclf.lightning_modules import TrainConfig
-    from genreclf.train import FitConfig
+    from genreclf.config import FitConfig, TrainConfig
 
     p.description = (
         "Train on the store's training split with random 128-256-frame crops and a positively "
@@ -391,7 +390,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 
 def _add_pretrain(p: argparse.ArgumentParser) -> None:
-    from genreclf.lightning_modules import PretrainConfig
+    from genreclf.config import PretrainConfig
 
     p.description = (
         "Self-supervised pretraining: random spans of frames are masked and the Transformer "
@@ -406,8 +405,8 @@ def _add_pretrain(p: argparse.ArgumentParser) -> None:
 
 def _add_fit(p: argparse.ArgumentParser, optimiser: type) -> None:
     """Add the arguments train and pretrain share: FitConfig's, and the plateau patience of `optimiser`."""
-    from genreclf.data import SPLITS
-    from genreclf.train import FitConfig
+    from genreclf.config import SPLITS
+    from genreclf.config import FitConfig
 
     p.add_argument("--store", type=Path, required=True, help="feature store from `genreclf featurize`")
     p.add_argument("--out", type=Path, required=True, help="run folder to write")
@@ -438,7 +437,7 @@ def _add_fit(p: argparse.ArgumentParser, optimiser: type) -> None:
 
 def _add_evaluate(p: argparse.ArgumentParser) -> None:
     from genreclf.evaluate import evaluate
-    from genreclf.metadata import SPLITS as PARTS
+    from genreclf.metadata import PARTS
 
     p.description = (
         "Predict every track of a split (mean over evenly spaced crops, and with --whole-sequence over the whole "

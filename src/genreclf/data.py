@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from genreclf.config import SPLITS
 from genreclf.metadata import reference_split
 from genreclf.store import FeatureStore
 from genreclf.errors import GenreclfError
 
-SPLITS = ("official", "reference")  # FMA's artist-filtered set.split, or the reference study's random 80/20
 
 
 def split_positions(store: FeatureStore, part: str, split: str = "official", seed: int = 0) -> np.ndarray:

@@ -17,14 +17,15 @@ import numpy as np
 from genreclf.evaluate import evaluate, fmt
 from genreclf.metrics import SUMMARY
 from genreclf.featurize import featurize
-from genreclf.lightning_modules import TrainConfig
+from genreclf.config import TrainConfig
 from genreclf.metadata import audio_path
 from genreclf.predict import Tagger
 from genreclf.report import build_report
 from genreclf.atomic import atomic_write_text
 from genreclf.store import FeatureStore
 from genreclf.synth import make_corpus
-from genreclf.train import FitConfig, train
+from genreclf.config import FitConfig
+from genreclf.train import train
 
 log = logging.getLogger(__name__)
 

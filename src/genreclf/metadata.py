@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 LABEL_COLUMNS = ("genres", "genres_all")  # ('track', X) columns that can serve as labels
 SUBSETS = ("small", "medium", "large")  # FMA's nested subsets, smallest first
-SPLITS = ("training", "validation", "test")  # FMA's values of ('set', 'split')
+PARTS = ("training", "validation", "test")  # FMA's values of ('set', 'split'): the parts of a split
 GENRE_COLUMNS = ("genre_id", "parent", "title", "top_level")  # genres.csv columns we need
 
 # The tracks.csv columns load_fma reads (FMA writes 52; the rest are never parsed).
@@ -101,8 +101,8 @@ class Labels:
 
     def in_split(self, name: str) -> Labels:
         """Return the tracks of one split ("training", "validation" or "test")."""
-        if name not in SPLITS:
-            raise GenreclfError(f"unknown split {name!r}: use one of {', '.join(SPLITS)}")
+        if name not in PARTS:
+            raise GenreclfError(f"unknown split {name!r}: use one of {', '.join(PARTS)}")
         return self.select(self.split == name)
 
     def row_of(self, track_ids: np.ndarray) -> np.ndarray:
@@ -191,7 +191,7 @@ def load_fma(
                             f"{counts.max()} times; each track must appear once (is the file concatenated?)")
     split = table[("set", "split")].to_numpy(dtype=str)
     subsets = table[("set", "subset")].to_numpy(dtype=str)
-    for column, values, allowed in (("split", split, SPLITS), ("subset", subsets, SUBSETS)):
+    for column, values, allowed in (("split", split, PARTS), ("subset", subsets, SUBSETS)):
         bad = ~np.isin(values, allowed)
         if bad.any():
             row = int(np.argmax(bad))

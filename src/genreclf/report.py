@@ -32,7 +32,8 @@ import numpy as np
 import pandas as pd
 
 from genreclf import __version__
-from genreclf.data import SPLITS, split_positions
+from genreclf.config import SPLITS
+from genreclf.data import split_positions
 from genreclf.errors import GenreclfError, first_line
 from genreclf.evaluate import evaluate
 from genreclf.metrics import (MACRO_GENRE_SET, SUMMARY, bootstrap_ci, paired_bootstrap_diff, per_genre_metrics,

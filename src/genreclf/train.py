@@ -32,10 +32,12 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from genreclf import __version__
+from genreclf.progress import hms
 from genreclf.provenance import git_revision
 from genreclf.data import CropBatchSampler, EvenCropSampler, loader, split_positions
 from genreclf.errors import GenreclfError, first_line
-from genreclf.lightning_modules import PretrainConfig, PretrainModule, TaggerModule, TrainConfig
+from genreclf.config import FitConfig, PretrainConfig, TrainConfig
+from genreclf.lightning_modules import PretrainModule, TaggerModule
 from genreclf.modelfile import ModelFile, save_tensors
 from genreclf.models import GRUConfig, TransformerConfig, count_parameters
 from genreclf.atomic import atomic_write_text
@@ -44,25 +46,6 @@ from genreclf.store import FeatureStore
 log = logging.getLogger(__name__)
 
 MODELS = {"gru": GRUConfig, "transformer": TransformerConfig}
-
-
-@dataclass(frozen=True)
-class FitConfig:
-    """How a run is fed and stopped (the optimiser is in TrainConfig / PretrainConfig)."""
-
-    model: str = "gru"  # "gru" or "transformer"
-    epochs: int = 100  # maximum number of epochs
-    batch_size: int = 32  # the reference's batch size
-    min_crop: int = 128  # shortest random training crop, in frames (the reference's 128-256)
-    max_crop: int = 256  # longest random training crop, in frames
-    val_crop: int = 256  # validation loss is measured on the centre crop of this many frames
-    split: str = "official"  # "official" (FMA's artist-filtered set.split) or "reference" (random 80/20)
-    seed: int = 0  # seeds the weights, the crops and the reference split
-    workers: int = 1  # DataLoader worker processes reading the memory-mapped store
-    early_stopping: int = 0  # stop after this many epochs without a better val_loss (0: never)
-    pretrained: str | None = None  # encoder.safetensors from `genreclf pretrain` (transformer only)
-    accelerator: str = "auto"  # Lightning accelerator: auto, cpu, gpu
-    devices: str = "1"  # Lightning devices: 1 unless asked ("auto" takes every GPU: DDP); "4" for DDP on 4 GPUs
 
 
 @dataclass(frozen=True)
@@ -126,13 +109,8 @@ class EpochLog(Callback):
         elapsed = time.monotonic() - self.t0
         per_epoch = elapsed / max(1, done - self.first_epoch)
         log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  (%.0f s/epoch, %s elapsed, ETA %s at most)",
-                 done, self.max_epochs, values["train_loss"], values["val_loss"], per_epoch, _hms(elapsed),
-                 _hms(per_epoch * (self.max_epochs - done)))
-
-
-def _hms(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+                 done, self.max_epochs, values["train_loss"], values["val_loss"], per_epoch, hms(elapsed),
+                 hms(per_epoch * (self.max_epochs - done)))
 
 
 def _prepare(store_path: str | Path, run_dir: str | Path, fit: FitConfig, optim: TrainConfig | PretrainConfig,
