@@ -24,7 +24,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: setup
+test: lint
 	$(PY) -m pytest -q
 
 demo: setup

@@ -25,6 +25,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = "1"  # set before numpy loads: per-core numbers for both recipes
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import multiprocessing as mp  # noqa: E402
 import platform  # noqa: E402
@@ -54,11 +55,11 @@ class Timing:
     cpu: float  # seconds, process_time (this process only: single-threaded runs), likewise
     cpu_rounds: list[float]  # seconds for all clips in each round
 
-    def row(self, base: "Timing | None" = None) -> str:
+    def row(self, base: Timing | None = None) -> str:
         ratio = f"{self.cpu / base.cpu:7.2f}x" if base else " " * 8
         return f"  {self.name:<44} {self.clips / self.wall:8.2f} {1000 * self.cpu / self.clips:9.1f}   {ratio}"
 
-    def ratio_range(self, base: "Timing") -> tuple[float, float]:
+    def ratio_range(self, base: Timing) -> tuple[float, float]:
         """The lowest and highest ratio of this CPU time to `base`'s over the rounds."""
         ratios = [a / b for a, b in zip(self.cpu_rounds, base.cpu_rounds)]
         return min(ratios), max(ratios)
@@ -78,8 +79,16 @@ def measure(recipes: dict, items: list, rounds: int) -> dict[str, Timing]:
                 t0, c0 = time.perf_counter(), time.process_time()
                 fn(item)
                 cpu[name][r, j], wall[name][r, j] = time.process_time() - c0, time.perf_counter() - t0
-    return {name: Timing(name, len(items), float(wall[name].min(axis=0).sum()), float(cpu[name].min(axis=0).sum()),
-                         cpu[name].sum(axis=1).tolist()) for name in recipes}
+    return {
+        name: Timing(
+            name,
+            len(items),
+            float(wall[name].min(axis=0).sum()),
+            float(cpu[name].min(axis=0).sum()),
+            cpu[name].sum(axis=1).tolist(),
+        )
+        for name in recipes
+    }
 
 
 # ---------------------------------------------------------------------------- corpus
@@ -89,8 +98,15 @@ def _reencode(job: tuple[str, int]) -> None:
     path, kbps = job
     data, rate = sf.read(path, dtype="float32", always_2d=True)
     tmp = path + ".tmp.mp3"
-    sf.write(tmp, data, rate, format="MP3", subtype="MPEG_LAYER_III",
-             compression_level=BITRATES[kbps], bitrate_mode="CONSTANT")
+    sf.write(
+        tmp,
+        data,
+        rate,
+        format="MP3",
+        subtype="MPEG_LAYER_III",
+        compression_level=BITRATES[kbps],
+        bitrate_mode="CONSTANT",
+    )
     os.replace(tmp, path)
 
 
@@ -156,7 +172,8 @@ def profile_ours(paths: list[Path], rounds: int) -> list[Timing]:
         "  stereo -> mono, audio.downmix": lambda i: audio.downmix(decoded[i][0]),
         "  soxr HQ 44.1 -> 16 kHz": lambda i: audio.resample(monos[i], decoded[i][1]),
         "  torch.stft (2048/512, centred)": lambda i: torch.stft(
-            x[i], 2048, 512, window=window, center=True, pad_mode="constant", return_complex=True),
+            x[i], 2048, 512, window=window, center=True, pad_mode="constant", return_complex=True
+        ),
         "  |X|^2, real.square() + imag.square() [was]": lambda i: specs[i].real.square() + specs[i].imag.square(),
         "  |X|^2, view_as_real (genreclf squares in place)": lambda i: _power(specs[i]),
         "  mel matmul, dense 128 x 1025 [was]": lambda i: torch.matmul(dense, powers[i]),
@@ -230,10 +247,8 @@ def run_featurize_child(args: dict) -> dict:
         while not stop.wait(0.05):
             for kid in _children(os.getpid()):
                 peak_worker[0] = max(peak_worker[0], _peak_rss_mb(kid))
-            try:
+            with contextlib.suppress(OSError, ValueError):  # the state file may be mid-rewrite
                 progress.append((time.perf_counter(), int(np.count_nonzero(np.load(state_file)))))
-            except (OSError, ValueError):
-                pass
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
@@ -248,16 +263,24 @@ def run_featurize_child(args: dict) -> dict:
     quarter = next(((t, k) for t, k in progress if k >= total // 4), None)
     steady = (total - quarter[1]) / (t0 + wall - quarter[0]) if quarter and quarter[1] < total else float("nan")
     return {
-        "done": result.done, "wall": wall, "steady_rate": steady,
+        "done": result.done,
+        "wall": wall,
+        "steady_rate": steady,
         "cpu": me.ru_utime + me.ru_stime - me0.ru_utime - me0.ru_stime + kids.ru_utime + kids.ru_stime,
-        "rss_parent": _peak_rss_mb(), "rss_worker": peak_worker[0],
+        "rss_parent": _peak_rss_mb(),
+        "rss_worker": peak_worker[0],
     }
 
 
 def featurize_in_subprocess(data: Path, out: Path, workers: int, shard: tuple[int, int]) -> dict:
     job = {"data": str(data), "out": str(out), "workers": workers, "shard": list(shard)}
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], env=ORIGINAL_ENV,
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(job)],
+        env=ORIGINAL_ENV,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if proc.returncode != 0:
         raise SystemExit(f"featurize subprocess failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -280,9 +303,11 @@ def machine() -> str:
 
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
-    return (f"{model}, {os.cpu_count()} CPUs ({usable} usable, load average {load}), Python {platform.python_version()}, "
-            f"torch {torch.__version__}, librosa {librosa.__version__}, soundfile {sf.__version__} "
-            f"(libsndfile {sf.__libsndfile_version__})")
+    return (
+        f"{model}, {os.cpu_count()} CPUs ({usable} usable, load average {load}), Python {platform.python_version()}, "
+        f"torch {torch.__version__}, librosa {librosa.__version__}, soundfile {sf.__version__} "
+        f"(libsndfile {sf.__libsndfile_version__})"
+    )
 
 
 def main() -> None:
@@ -290,8 +315,9 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=16, help="clips per measurement (2x are generated)")
     parser.add_argument("--seconds", type=float, default=30.0, help="clip length (default 30)")
     parser.add_argument("--workers", type=int, default=2, help="processes for the scaling run (default 2)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; per clip the fastest "
-                        "counts (default 3)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="interleaved timing rounds; per clip the fastest counts (default 3)"
+    )
     parser.add_argument("--dir", type=Path, default=None, help="work folder, kept (default: a temp folder)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -315,8 +341,10 @@ def main() -> None:
     paths = all_paths[0::2]  # = featurize's shard 0/2, so (c) and (d) see the same files
     n = len(paths)
     kbps = [8 * p.stat().st_size / args.seconds / 1000 for p in paths]
-    print(f"clips: {n} x {args.seconds:g} s, 44.1 kHz stereo MP3, {min(kbps):.0f}-{max(kbps):.0f} kbit/s, "
-          f"{sum(p.stat().st_size for p in paths) / n / 1e6:.2f} MB each")
+    print(
+        f"clips: {n} x {args.seconds:g} s, 44.1 kHz stereo MP3, {min(kbps):.0f}-{max(kbps):.0f} kbit/s, "
+        f"{sum(p.stat().st_size for p in paths) / n / 1e6:.2f} MB each"
+    )
 
     # Warm-up: librosa's first call compiles and caches; torch builds its window and filters.
     reference_features(paths[0])
@@ -334,13 +362,17 @@ def main() -> None:
     def ours(i: int) -> None:
         store[i] = featurize_file(paths[i])[0]
 
-    timings = measure({
-        "(a) decode only: soundfile": lambda i: sf.read(paths[i], dtype="float32"),
-        "(a) decode only: PyAV": lambda i: audio._decode_pyav(paths[i], None),
-        "(b) reference: librosa + float32 .npy": reference,
-        "(c) ours: featurize_file + float16 memmap": ours,
-        "(d) ours, GPU layout: CPU part (decode_clip)": lambda i: decode_clip(paths[i]),
-    }, list(range(n)), args.rounds)
+    timings = measure(
+        {
+            "(a) decode only: soundfile": lambda i: sf.read(paths[i], dtype="float32"),
+            "(a) decode only: PyAV": lambda i: audio._decode_pyav(paths[i], None),
+            "(b) reference: librosa + float32 .npy": reference,
+            "(c) ours: featurize_file + float16 memmap": ours,
+            "(d) ours, GPU layout: CPU part (decode_clip)": lambda i: decode_clip(paths[i]),
+        },
+        list(range(n)),
+        args.rounds,
+    )
     store.flush()
     decode_sf, decode_av, ref, mine, cpu_part = timings.values()
     rss_single = max_rss_mb()
@@ -370,8 +402,10 @@ def main() -> None:
     store_bytes = (work / "store-1-2/part-0-of-2/features.npy").stat().st_size / n
     ref_bytes = sum((ref_dir / f"{p.stem}.npy").stat().st_size for p in paths) / n
 
-    print(f"\nsingle process, one thread, {n} clips (page cache warm), recipes interleaved clip by clip; "
-          f"per clip the fastest of {args.rounds} rounds")
+    print(
+        f"\nsingle process, one thread, {n} clips (page cache warm), recipes interleaved clip by clip; "
+        f"per clip the fastest of {args.rounds} rounds"
+    )
     print(f"  {'':<44} {'clips/s':>8} {'CPU ms/clip':>11} {'vs decode':>9}")
     for t in (decode_sf, decode_av, ref, mine, cpu_part):
         print(t.row(decode_sf))
@@ -383,8 +417,10 @@ def main() -> None:
     steady = {}
     for (workers, parts), r in runs.items():
         label = f"{workers} worker{'s' * (workers > 1)}, {'N' if parts == 2 else '2N'}"
-        print(f"  {label:<22} {r['done']:5d} {r['done'] / r['wall']:8.2f} {1000 * r['cpu'] / r['done']:11.1f}   "
-              f"{r['rss_parent']:16.0f} / {r['rss_worker']:.0f}")
+        print(
+            f"  {label:<22} {r['done']:5d} {r['done'] / r['wall']:8.2f} {1000 * r['cpu'] / r['done']:11.1f}   "
+            f"{r['rss_parent']:16.0f} / {r['rss_worker']:.0f}"
+        )
         if parts == 1:
             steady[workers] = r["steady_rate"]
     for workers, rate in steady.items():
@@ -396,27 +432,41 @@ def main() -> None:
     gpu_ratio, (gpu_lo, gpu_hi) = cpu_part.cpu / fastest.cpu, cpu_part.ratio_range(fastest)
     speedup, (speed_lo, speed_hi) = ref.cpu / mine.cpu, ref.ratio_range(mine)  # per core: single-threaded CPU
     print("\nsummary (fastest rounds; in brackets the range over the rounds)")
-    print(f"  ours / decode-only CPU ({fastest.name.split(': ')[-1]:<9})        {ratio:6.2f}   "
-          f"[{ratio_lo:.2f}-{ratio_hi:.2f}] (target <= {TARGET_DECODE_RATIO})"
-          f"  {'ok' if ratio <= TARGET_DECODE_RATIO else 'MISSED'}")
-    print(f"  the same, log-mel on a GPU: CPU part only   {gpu_ratio:6.2f}   [{gpu_lo:.2f}-{gpu_hi:.2f}] "
-          f"(target <= {TARGET_DECODE_RATIO})  {'ok' if gpu_ratio <= TARGET_DECODE_RATIO else 'MISSED'} "
-          "(workers decode + resample; the GPU's batched log-mel is not measured here)")
-    print(f"  ours / reference clips/s per core (CPU)     {speedup:6.2f}   [{speed_lo:.2f}-{speed_hi:.2f}] "
-          f"(target >= {TARGET_SPEEDUP})  {'ok' if speedup >= TARGET_SPEEDUP else 'MISSED'}; "
-          f"by wall clock {ref.wall / mine.wall:.2f}")
-    print(f"  max |ours - reference|, stored float16      {diff_stored:.2e} (target <= {TARGET_DIFF:g})"
-          f"  {'ok' if diff_stored <= TARGET_DIFF else 'MISSED'}")
+    print(
+        f"  ours / decode-only CPU ({fastest.name.split(': ')[-1]:<9})        {ratio:6.2f}   "
+        f"[{ratio_lo:.2f}-{ratio_hi:.2f}] (target <= {TARGET_DECODE_RATIO})"
+        f"  {'ok' if ratio <= TARGET_DECODE_RATIO else 'MISSED'}"
+    )
+    print(
+        f"  the same, log-mel on a GPU: CPU part only   {gpu_ratio:6.2f}   [{gpu_lo:.2f}-{gpu_hi:.2f}] "
+        f"(target <= {TARGET_DECODE_RATIO})  {'ok' if gpu_ratio <= TARGET_DECODE_RATIO else 'MISSED'} "
+        "(workers decode + resample; the GPU's batched log-mel is not measured here)"
+    )
+    print(
+        f"  ours / reference clips/s per core (CPU)     {speedup:6.2f}   [{speed_lo:.2f}-{speed_hi:.2f}] "
+        f"(target >= {TARGET_SPEEDUP})  {'ok' if speedup >= TARGET_SPEEDUP else 'MISSED'}; "
+        f"by wall clock {ref.wall / mine.wall:.2f}"
+    )
+    print(
+        f"  max |ours - reference|, stored float16      {diff_stored:.2e} (target <= {TARGET_DIFF:g})"
+        f"  {'ok' if diff_stored <= TARGET_DIFF else 'MISSED'}"
+    )
     print(f"  max |ours - reference|, float32, same audio {diff_mel:.2e}")
     print(f"  max |our decode - librosa.load|             {diff_wave:.2e}")
     if args.workers > 1:
-        print(f"  featurize steady-state scaling 1 -> {args.workers} workers "
-              f"{steady[args.workers] / steady[1]:6.2f}x (steady state)")
-    print(f"  bytes per track: ours float16 {store_bytes / 1e3:.0f} KB, reference float32 .npy {ref_bytes / 1e3:.0f} KB")
+        print(
+            f"  featurize steady-state scaling 1 -> {args.workers} workers "
+            f"{steady[args.workers] / steady[1]:6.2f}x (steady state)"
+        )
+    print(
+        f"  bytes per track: ours float16 {store_bytes / 1e3:.0f} KB, reference float32 .npy {ref_bytes / 1e3:.0f} KB"
+    )
     w = args.workers
-    print(f"  featurize peak RSS, N={n} -> 2N={2 * n} clips: parent {runs[w, 2]['rss_parent']:.0f} -> "
-          f"{runs[w, 1]['rss_parent']:.0f} MB, worker {runs[w, 2]['rss_worker']:.0f} -> "
-          f"{runs[w, 1]['rss_worker']:.0f} MB (this benchmark process: {rss_single:.0f} MB)")
+    print(
+        f"  featurize peak RSS, N={n} -> 2N={2 * n} clips: parent {runs[w, 2]['rss_parent']:.0f} -> "
+        f"{runs[w, 1]['rss_parent']:.0f} MB, worker {runs[w, 2]['rss_worker']:.0f} -> "
+        f"{runs[w, 1]['rss_worker']:.0f} MB (this benchmark process: {rss_single:.0f} MB)"
+    )
     if args.dir:
         print(f"  files kept in {work}")
     else:

@@ -41,8 +41,10 @@ def main() -> None:
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     population = draw(rng, 200_000)
-    print(f"{'tracks':>6} {'metric':<14} {'population':>10} {'mean est.':>9}   coverage: {'percentile':>10} "
-          f"{'BCa':>5}   mean width: {'percentile':>10} {'BCa':>6}")
+    print(
+        f"{'tracks':>6} {'metric':<14} {'population':>10} {'mean est.':>9}   coverage: {'percentile':>10} "
+        f"{'BCa':>5}   mean width: {'percentile':>10} {'BCa':>6}"
+    )
     for n in args.sizes:
         for name in ("ap_weighted", "ap_macro", "ap_micro", "roc_auc_macro"):
             truth = M._FAST[name](*population)
@@ -51,14 +53,18 @@ def main() -> None:
                 y, s = draw(rng, n)
                 (point,), stats, jack = M._boot_stats(y, [s], name, args.boot, seed=k)
                 values = stats[~np.isnan(stats[:, 0]), 0]
-                for j, (low, high) in enumerate([np.quantile(values, [0.025, 0.975]),
-                                                 M._interval(stats[:, 0], point, jack[:, 0], 0.05)]):
+                for j, (low, high) in enumerate(
+                    [np.quantile(values, [0.025, 0.975]), M._interval(stats[:, 0], point, jack[:, 0], 0.05)]
+                ):
                     covered[j] += low <= truth <= high
                     widths[j] += high - low
                 estimates.append(point)
             c, w = covered / args.sims, widths / args.sims
-            print(f"{n:6d} {name:<14} {truth:10.3f} {np.mean(estimates):9.3f}   {'':10}{c[0]:10.2f} {c[1]:5.2f}   "
-                  f"{'':12}{w[0]:10.3f} {w[1]:6.3f}", flush=True)
+            print(
+                f"{n:6d} {name:<14} {truth:10.3f} {np.mean(estimates):9.3f}   {'':10}{c[0]:10.2f} {c[1]:5.2f}   "
+                f"{'':12}{w[0]:10.3f} {w[1]:6.3f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

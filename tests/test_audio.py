@@ -12,9 +12,9 @@ import librosa
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import REAL_MP3, write_bad_files, write_long_wav, write_mp3
 
 import genreclf
-from conftest import REAL_MP3, write_bad_files, write_long_wav, write_mp3
 from genreclf import audio
 from genreclf.errors import AudioError, GenreclfError
 
@@ -157,8 +157,9 @@ def test_decoder_chatter_stays_off_stderr(tmp_path, mode):
     m4a = write_m4a(tmp_path / "tone.m4a")
     paths = [str(bad["random"]), str(bad["truncated"]), str(resync), str(m4a)]
     env = {**os.environ, "PYTHONPATH": str(Path(genreclf.__file__).parents[1])}
-    child = subprocess.run([sys.executable, "-c", DECODE_ALL, mode, *paths], capture_output=True, text=True,
-                           env=env, timeout=120)
+    child = subprocess.run(
+        [sys.executable, "-c", DECODE_ALL, mode, *paths], capture_output=True, text=True, env=env, timeout=120
+    )
     assert child.returncode == 0, child.stderr
     assert child.stderr == ""
     result = json.loads(child.stdout.split("RESULT ", 1)[1])

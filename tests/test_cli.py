@@ -13,13 +13,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import write_bad_files
+
 from genreclf.cli import main
-from genreclf.store import FeatureStore
 from genreclf.modelfile import ModelFile
 from genreclf.models import count_parameters
 from genreclf.predict import Tagger
+from genreclf.store import FeatureStore
 
 TRAIN = ["--epochs", "1", "--batch-size", "8", "--lr", "1e-3", "--workers", "0"]
 
@@ -29,11 +29,14 @@ def pipeline(tmp_path_factory):
     """Run the whole pipeline once through the CLI; return its folder."""
     root = tmp_path_factory.mktemp("e2e")
     assert main(["-q", "synth", str(root / "corpus"), "--tracks", "24", "--seconds", "3", "--seed", "1"]) == 0
-    assert main(["-q", "featurize", "--data", str(root / "corpus"), "--out", str(root / "store"),
-                 "--workers", "2"]) == 0
+    assert (
+        main(["-q", "featurize", "--data", str(root / "corpus"), "--out", str(root / "store"), "--workers", "2"]) == 0
+    )
     for model in ("gru", "transformer"):
-        assert main(["-q", "train", "--model", model, "--store", str(root / "store"), "--out",
-                     str(root / model), *TRAIN]) == 0
+        assert (
+            main(["-q", "train", "--model", model, "--store", str(root / "store"), "--out", str(root / model), *TRAIN])
+            == 0
+        )
     return root
 
 
@@ -112,20 +115,63 @@ def test_bad_model_files_and_arguments(pipeline, tmp_path, capsys):
         main(["featurize", "--data", "x", "--out", "y", "--shard", "3/2"])
     with pytest.raises(SystemExit):
         main(["train", "--model", "gru", "--store", "s", "--out", "o", "--workers", "-1"])
-    resume_other = ["train", "--model", "transformer", "--store", str(pipeline / "store"), "--out",
-                    str(pipeline / "gru"), "--resume"]
+    resume_other = [
+        "train",
+        "--model",
+        "transformer",
+        "--store",
+        str(pipeline / "store"),
+        "--out",
+        str(pipeline / "gru"),
+        "--resume",
+    ]
     assert main(resume_other) == 2
     assert "started with model 'gru'" in capsys.readouterr().err
-    assert main(["train", "--model", "gru", "--store", str(pipeline / "store"), "--out", str(tmp_path / "g"),
-                 "--accelerator", "nonsense"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "gru",
+                "--store",
+                str(pipeline / "store"),
+                "--out",
+                str(tmp_path / "g"),
+                "--accelerator",
+                "nonsense",
+            ]
+        )
+        == 2
+    )
     assert "cannot use --accelerator nonsense" in capsys.readouterr().err
 
 
 def test_every_epoch_is_checkpointed_for_resume(pipeline, tmp_path):
     # A high learning rate makes validation loss go up and down; last.ckpt must follow every epoch anyway.
     run = tmp_path / "run"
-    assert main(["-q", "train", "--model", "gru", "--store", str(pipeline / "store"), "--out", str(run),
-                 "--epochs", "3", "--batch-size", "8", "--lr", "5e-2", "--workers", "0"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "train",
+                "--model",
+                "gru",
+                "--store",
+                str(pipeline / "store"),
+                "--out",
+                str(run),
+                "--epochs",
+                "3",
+                "--batch-size",
+                "8",
+                "--lr",
+                "5e-2",
+                "--workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["epoch"] == 2
     best = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
@@ -135,8 +181,27 @@ def test_every_epoch_is_checkpointed_for_resume(pipeline, tmp_path):
 
 def test_killed_training_resumes_from_the_saved_epoch(pipeline, tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "genreclf", "-q", "train", "--model", "gru", "--store", str(pipeline / "store"),
-           "--out", str(run), "--epochs", "30", "--batch-size", "4", "--lr", "1e-3", "--workers", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "genreclf",
+        "-q",
+        "train",
+        "--model",
+        "gru",
+        "--store",
+        str(pipeline / "store"),
+        "--out",
+        str(run),
+        "--epochs",
+        "30",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-3",
+        "--workers",
+        "0",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and not (run / "checkpoints" / "last.ckpt").exists():
@@ -146,8 +211,25 @@ def test_killed_training_resumes_from_the_saved_epoch(pipeline, tmp_path):
     proc.wait()
     assert not (run / "model.safetensors").exists(), "training finished before it could be interrupted"
     saved_epoch = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["epoch"]
-    resume = ["-q", "train", "--model", "gru", "--store", str(pipeline / "store"), "--out", str(run),
-              "--epochs", str(saved_epoch + 2), "--batch-size", "4", "--lr", "1e-3", "--workers", "0", "--resume"]
+    resume = [
+        "-q",
+        "train",
+        "--model",
+        "gru",
+        "--store",
+        str(pipeline / "store"),
+        "--out",
+        str(run),
+        "--epochs",
+        str(saved_epoch + 2),
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-3",
+        "--workers",
+        "0",
+        "--resume",
+    ]
     assert main(resume) == 0
     info = json.loads((run / "train.json").read_text())
     assert info["epochs"] == saved_epoch + 2
@@ -171,8 +253,23 @@ def test_model_file_for_other_audio_settings_is_refused(pipeline, tmp_path):
 
 
 def _train(pipeline, run, *extra):
-    return main(["-q", "train", "--model", "gru", "--store", str(pipeline / "store"), "--out", str(run),
-                 "--batch-size", "8", "--lr", "1e-3", *extra])
+    return main(
+        [
+            "-q",
+            "train",
+            "--model",
+            "gru",
+            "--store",
+            str(pipeline / "store"),
+            "--out",
+            str(run),
+            "--batch-size",
+            "8",
+            "--lr",
+            "1e-3",
+            *extra,
+        ]
+    )
 
 
 @pytest.mark.parametrize("workers", ["0", "1"])
@@ -183,8 +280,10 @@ def test_resumed_run_equals_an_uninterrupted_one(pipeline, tmp_path, workers):
     assert _train(pipeline, tmp_path / "straight", "--epochs", "3", "--workers", workers) == 0
     assert _train(pipeline, tmp_path / "resumed", "--epochs", "1", "--workers", workers) == 0
     assert _train(pipeline, tmp_path / "resumed", "--epochs", "3", "--workers", workers, "--resume") == 0
-    a, b = (torch.load(tmp_path / r / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-            for r in ("straight", "resumed"))
+    a, b = (
+        torch.load(tmp_path / r / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+        for r in ("straight", "resumed")
+    )
     assert a["epoch"] == b["epoch"] == 2
     for name, weight in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][name], weight, rtol=0, atol=0)
@@ -201,14 +300,32 @@ def test_resume_refuses_other_settings_and_evaluate_uses_the_trained_split(pipel
     assert _train(pipeline, run, "--epochs", "2", "--workers", "0", "--resume") == 2  # official, seed 0 now
     err = capsys.readouterr().err
     assert "split='reference'" in err and "seed=3" in err and err.count("\n") == 1
-    assert _train(pipeline, run, "--epochs", "2", "--workers", "0", "--resume", "--split", "reference",
-                  "--seed", "3", "--pos-weight", "2") == 2
+    assert (
+        _train(
+            pipeline,
+            run,
+            "--epochs",
+            "2",
+            "--workers",
+            "0",
+            "--resume",
+            "--split",
+            "reference",
+            "--seed",
+            "3",
+            "--pos-weight",
+            "2",
+        )
+        == 2
+    )
     assert "pos_weight" in capsys.readouterr().err
-    assert _train(pipeline, run, "--epochs", "2", "--workers", "0", "--resume", "--split", "reference",
-                  "--seed", "3") == 0  # only --epochs changed: fine
+    assert (
+        _train(pipeline, run, "--epochs", "2", "--workers", "0", "--resume", "--split", "reference", "--seed", "3") == 0
+    )  # only --epochs changed: fine
     (run / "settings.json").rename(run / "old_settings.json")  # as a run started by an older genreclf
-    assert _train(pipeline, run, "--epochs", "3", "--workers", "0", "--resume", "--split", "reference",
-                  "--seed", "3") == 2
+    assert (
+        _train(pipeline, run, "--epochs", "3", "--workers", "0", "--resume", "--split", "reference", "--seed", "3") == 2
+    )
     assert "older genreclf" in capsys.readouterr().err
     (run / "old_settings.json").rename(run / "settings.json")
 
@@ -216,8 +333,9 @@ def test_resume_refuses_other_settings_and_evaluate_uses_the_trained_split(pipel
     own = evaluate(run, pipeline / "store", progress=False)  # the split and seed it was trained with
     assert (own["split"], own["seed"], own["n_seen_in_training"]) == ("reference", 3, 0)
     other = evaluate(run, pipeline / "store", split="official", progress=False)
-    seen = np.intersect1d(split_positions(store, "test", "official"), split_positions(store, "training",
-                                                                                      "reference", 3))
+    seen = np.intersect1d(
+        split_positions(store, "test", "official"), split_positions(store, "training", "reference", 3)
+    )
     assert other["n_seen_in_training"] == len(seen)
 
 
@@ -235,9 +353,6 @@ def test_damaged_model_metadata_and_bad_waveforms_get_one_line_errors(pipeline, 
         tagger.predict(np.full(16000, np.nan, np.float32))
 
 
-
-
-
 def _help(capsys, *command: str) -> str:
     with pytest.raises(SystemExit) as exit_:
         main([*command, "--help"])
@@ -247,23 +362,51 @@ def _help(capsys, *command: str) -> str:
 
 def test_defaults_are_the_librarys_own_and_help_shows_them(capsys):
     from genreclf.cli import build_parser
+    from genreclf.config import FitConfig, PretrainConfig, TrainConfig
     from genreclf.featurize import CLIP_TIMEOUT, MIN_SECONDS
-    from genreclf.config import PretrainConfig, TrainConfig
     from genreclf.predict import CROP_FRAMES, N_CROPS
-    from genreclf.config import FitConfig
 
     parse = build_parser().parse_args
     fit, optim, pre = FitConfig(), TrainConfig(), PretrainConfig()
     train = parse(["train", "--model", "gru", "--store", "s", "--out", "o"])
-    got = (train.epochs, train.batch_size, train.min_crop, train.max_crop, train.split, train.seed, train.workers,
-           train.early_stopping, train.pretrained, train.accelerator, train.devices)
-    assert got == (fit.epochs, fit.batch_size, fit.min_crop, fit.max_crop, fit.split, fit.seed, fit.workers,
-                   fit.early_stopping, fit.pretrained, fit.accelerator, fit.devices)
+    got = (
+        train.epochs,
+        train.batch_size,
+        train.min_crop,
+        train.max_crop,
+        train.split,
+        train.seed,
+        train.workers,
+        train.early_stopping,
+        train.pretrained,
+        train.accelerator,
+        train.devices,
+    )
+    assert got == (
+        fit.epochs,
+        fit.batch_size,
+        fit.min_crop,
+        fit.max_crop,
+        fit.split,
+        fit.seed,
+        fit.workers,
+        fit.early_stopping,
+        fit.pretrained,
+        fit.accelerator,
+        fit.devices,
+    )
     assert (train.lr, train.pos_weight, train.weight_decay, train.plateau_patience) == (
-        optim.lr, optim.pos_weight, optim.weight_decay, optim.plateau_patience)
+        optim.lr,
+        optim.pos_weight,
+        optim.weight_decay,
+        optim.plateau_patience,
+    )
     pretrain = parse(["pretrain", "--store", "s", "--out", "o"])
-    assert (pretrain.lr, pretrain.mask_ratio, pretrain.plateau_patience) == (pre.lr, pre.mask_ratio,
-                                                                             pre.plateau_patience)
+    assert (pretrain.lr, pretrain.mask_ratio, pretrain.plateau_patience) == (
+        pre.lr,
+        pre.mask_ratio,
+        pre.plateau_patience,
+    )
     featurize = parse(["featurize", "--data", "d", "--out", "o"])
     assert (featurize.min_seconds, featurize.clip_timeout) == (MIN_SECONDS, CLIP_TIMEOUT)
     for command in (["evaluate", "m", "--store", "s"], ["predict", "m", "f"]):
@@ -271,11 +414,15 @@ def test_defaults_are_the_librarys_own_and_help_shows_them(capsys):
         assert (args.crop, args.crops) == (CROP_FRAMES, N_CROPS)
 
     text = _help(capsys, "train").split(" options: ")[1]
-    for option, value in (("--lr LR", optim.lr), ("--plateau-patience PLATEAU_PATIENCE", optim.plateau_patience),
-                          ("--max-crop MAX_CROP", fit.max_crop), ("--devices DEVICES", fit.devices),
-                          ("--epochs EPOCHS", fit.epochs)):
-        after = text[text.index(option):]
-        assert after[:after.index(" --", 2)].endswith(f"(default: {value})"), option
+    for option, value in (
+        ("--lr LR", optim.lr),
+        ("--plateau-patience PLATEAU_PATIENCE", optim.plateau_patience),
+        ("--max-crop MAX_CROP", fit.max_crop),
+        ("--devices DEVICES", fit.devices),
+        ("--epochs EPOCHS", fit.epochs),
+    ):
+        after = text[text.index(option) :]
+        assert after[: after.index(" --", 2)].endswith(f"(default: {value})"), option
     assert f"(default: {pre.lr})" in _help(capsys, "pretrain")
     assert f"(default: {CLIP_TIMEOUT})" in _help(capsys, "featurize")
     assert f"(default: {N_CROPS})" in _help(capsys, "predict")
@@ -286,8 +433,10 @@ def test_defaults_are_the_librarys_own_and_help_shows_them(capsys):
 
 
 def test_top_level_help_imports_neither_torch_nor_lightning():
-    code = ("import sys\nfrom genreclf.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "print(sorted({'torch', 'lightning'} & set(sys.modules)))")
+    code = (
+        "import sys\nfrom genreclf.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted({'torch', 'lightning'} & set(sys.modules)))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.splitlines()[-1] == "[]"
 
@@ -297,8 +446,12 @@ def test_quiet_and_verbose_before_or_after_the_command(where):
     from genreclf.cli import build_parser
 
     command = ["featurize", "--data", "d", "--out", "o"]
-    for flag, quiet, verbose in (("-q", True, False), ("--quiet", True, False), ("-v", False, True),
-                                 ("--verbose", False, True)):
+    for flag, quiet, verbose in (
+        ("-q", True, False),
+        ("--quiet", True, False),
+        ("-v", False, True),
+        ("--verbose", False, True),
+    ):
         args = build_parser().parse_args([flag, *command] if where == "before" else [*command, flag])
         assert (args.quiet, args.verbose) == (quiet, verbose), flag
     args = build_parser().parse_args(command)
@@ -310,8 +463,16 @@ def test_quiet_and_verbose_before_or_after_the_command(where):
 def test_quiet_after_the_command_hides_the_progress(pipeline, tmp_path, caplog):
     import logging
 
-    evaluate = ["evaluate", str(pipeline / "gru"), "--store", str(pipeline / "store"), "--crops", "1",
-                "--out", str(tmp_path / "metrics.json")]
+    evaluate = [
+        "evaluate",
+        str(pipeline / "gru"),
+        "--store",
+        str(pipeline / "store"),
+        "--crops",
+        "1",
+        "--out",
+        str(tmp_path / "metrics.json"),
+    ]
 
     def progress_lines() -> list[str]:  # stderr is not a terminal under pytest: progress comes as log lines
         lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("evaluate: ")]
@@ -326,17 +487,21 @@ def test_quiet_after_the_command_hides_the_progress(pipeline, tmp_path, caplog):
         assert progress_lines() == []
 
 
-@pytest.mark.parametrize("command,hint", [
-    (["evaluate", "m", "--store", "s"], "for the test part use --part test"),
-    (["report", "run", "--out", "o"], "the report always scores the test part"),
-])
+@pytest.mark.parametrize(
+    "command,hint",
+    [
+        (["evaluate", "m", "--store", "s"], "for the test part use --part test"),
+        (["report", "run", "--out", "o"], "the report always scores the test part"),
+    ],
+)
 def test_split_given_a_part_name_points_to_the_right_option(command, hint, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([*command, "--split", "test"])
     assert exit_.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
-    assert errors == [f"genreclf {command[0]}: error: argument --split: 'test' is a part, not a split "
-                      f"(official or reference); {hint}"]
+    assert errors == [
+        f"genreclf {command[0]}: error: argument --split: 'test' is a part, not a split (official or reference); {hint}"
+    ]
     with pytest.raises(SystemExit) as exit_:
         main([*command, "--split", "nonsense"])
     assert exit_.value.code == 2 and "invalid choice: 'nonsense'" in capsys.readouterr().err
@@ -347,8 +512,23 @@ def test_evaluate_whole_sequence(pipeline, tmp_path):
     from genreclf.evaluate import predict_store
 
     out = tmp_path / "metrics.json"
-    assert main(["-q", "evaluate", str(pipeline / "gru"), "--store", str(pipeline / "store"), "--crops", "2",
-                 "--whole-sequence", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "evaluate",
+                str(pipeline / "gru"),
+                "--store",
+                str(pipeline / "store"),
+                "--crops",
+                "2",
+                "--whole-sequence",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     whole = json.loads(out.read_text())["metrics_whole_sequence"]
     assert all(0.0 <= whole[key] <= 1.0 for key in ("ap_weighted", "ap_micro", "ap_macro", "roc_auc_macro"))
     store = FeatureStore.open(pipeline / "store")
@@ -375,7 +555,7 @@ def test_predict_csv(pipeline, real_mp3, tmp_path, capsys):
     good = [r for r in rows[1:] if r[0] == str(real_mp3)]
     assert [(r[1], r[2], r[4]) for r in good] == [(str(k), g, "") for k, (g, _) in enumerate(top, 1)]
     np.testing.assert_allclose([float(r[3]) for r in good], [p for _, p in top], atol=5e-5)
-    errors = rows[1 + len(good):]
+    errors = rows[1 + len(good) :]
     assert [r[0] for r in errors] == inputs[1:] and all(r[1:4] == ["", "", ""] for r in errors)
     assert "not a readable audio file" in errors[0][4] and "no audio files found" in errors[1][4]
     assert "2 input(s) could not be tagged" in err

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from genreclf.data import CropBatchSampler, EvenCropSampler, collate, loader, split_positions, crop_starts
+from genreclf.data import CropBatchSampler, EvenCropSampler, collate, crop_starts, loader, split_positions
 from genreclf.errors import GenreclfError
 from genreclf.store import FeatureStore
 
@@ -17,7 +17,7 @@ def test_crop_batches_are_reproducible_and_within_real_frames():
     assert sorted(p for batch in first for p, _, _ in batch) == list(range(7))
     for batch in first:
         for p, start, length in batch:
-            assert 0 <= start and start + length <= valid[p] and length >= 1
+            assert start >= 0 and start + length <= valid[p] and length >= 1
         assert max(length for _, _, length in batch) <= 256
     with pytest.raises(GenreclfError):
         CropBatchSampler(valid, np.arange(7), 3, 300, 200)
@@ -25,8 +25,9 @@ def test_crop_batches_are_reproducible_and_within_real_frames():
 
 def test_ddp_ranks_get_disjoint_equal_shares():
     positions = np.arange(10)
-    shares = [list(CropBatchSampler(np.full(10, 938), positions, 2, 128, 256, seed=1, rank=r, world_size=3))
-              for r in range(3)]
+    shares = [
+        list(CropBatchSampler(np.full(10, 938), positions, 2, 128, 256, seed=1, rank=r, world_size=3)) for r in range(3)
+    ]
     seen = [p for share in shares for batch in share for p, _, _ in batch]
     assert len({len(share) for share in shares}) == 1  # DDP hangs if ranks run different batch counts
     assert set(seen) == set(range(10)) and len(seen) == 12  # 10 tracks padded to 3 x 4
@@ -39,8 +40,10 @@ def test_validation_crops_are_centred_and_fixed():
 
 
 def test_collate_pads_and_keeps_lengths():
-    items = [(np.ones((5, 128), np.float32), np.array([1, 0], np.uint8)),
-             (np.ones((3, 128), np.float32), np.array([0, 1], np.uint8))]
+    items = [
+        (np.ones((5, 128), np.float32), np.array([1, 0], np.uint8)),
+        (np.ones((3, 128), np.float32), np.array([0, 1], np.uint8)),
+    ]
     batch = collate(items)
     assert batch["x"].shape == (2, 5, 128) and batch["lengths"].tolist() == [5, 3]
     assert float(batch["x"][1, 3:].abs().sum()) == 0.0 and batch["y"].dtype.is_floating_point

@@ -8,14 +8,14 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import write_bad_files
+
 from genreclf import audio
 from genreclf.errors import GenreclfError
 from genreclf.featurize import featurize, featurize_file
-from genreclf.store import FeatureStore
-from genreclf.metadata import audio_path, load_fma
 from genreclf.mel import log_mel, pad_or_trim
+from genreclf.metadata import audio_path, load_fma
+from genreclf.store import FeatureStore
 
 
 def test_store_holds_the_corpus(corpus, store_dir):
@@ -82,8 +82,19 @@ def test_bad_files_are_recorded_and_the_job_goes_on(corpus, tmp_path):
 
 def test_killed_run_resumes_to_the_same_store(corpus, store_dir, tmp_path):
     out = tmp_path / "store"
-    cmd = [sys.executable, "-m", "genreclf", "-q", "featurize", "--data", str(corpus), "--out", str(out),
-           "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "genreclf",
+        "-q",
+        "featurize",
+        "--data",
+        str(corpus),
+        "--out",
+        str(out),
+        "--workers",
+        "1",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = out / "part-0-of-1" / "state.npy"
     deadline = time.monotonic() + 120
@@ -117,7 +128,9 @@ def test_resuming_after_the_labels_changed_is_refused(corpus, tmp_path):
     tracks = data / "fma_metadata" / "tracks.csv"
     table = pd.read_csv(tracks, index_col=0, header=[0, 1])
     first = table.index[table[("set", "subset")] == "small"][0]
-    table.loc[first, ("track", "genres")] = "[12, 25]" if table.loc[first, ("track", "genres")] != "[12, 25]" else "[12]"
+    table.loc[first, ("track", "genres")] = (
+        "[12, 25]" if table.loc[first, ("track", "genres")] != "[12, 25]" else "[12]"
+    )
     table.to_csv(tracks, lineterminator="\n")
     with pytest.raises(GenreclfError, match="other labels"):
         featurize(data, tmp_path / "store", subset="small", progress=False)
@@ -158,8 +171,10 @@ def test_a_refused_run_keeps_what_was_there(corpus, store_dir, tmp_path):
 def test_workers_that_cannot_start_leave_no_store(corpus, tmp_path):
     # A script without `if __name__ == "__main__":` makes every spawned worker die at start-up.
     script = tmp_path / "no_main_guard.py"
-    script.write_text("from genreclf.featurize import featurize\n"
-                      f"featurize({str(corpus)!r}, {str(tmp_path / 's')!r}, workers=1, progress=False)\n")
+    script.write_text(
+        "from genreclf.featurize import featurize\n"
+        f"featurize({str(corpus)!r}, {str(tmp_path / 's')!r}, workers=1, progress=False)\n"
+    )
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert run.returncode != 0
     assert "before finishing a single file" in run.stderr and '__name__ == "__main__"' in run.stderr
@@ -191,8 +206,9 @@ def test_silent_clips_are_failed_as_silent_and_counted(corpus, tmp_path):
     store = FeatureStore.open(tmp_path / "store")
     reasons = dict(zip(store.failed["track_id"], store.failed["reason"]))
     assert set(reasons) == {int(ids[0]), int(ids[1])}
-    assert all(r.startswith("silent (RMS level") and str(audio_path(data / "fma_large", 0)) not in r
-               for r in reasons.values())
+    assert all(
+        r.startswith("silent (RMS level") and str(audio_path(data / "fma_large", 0)) not in r for r in reasons.values()
+    )
     assert int(ids[2]) in set(store.track_ids)
     # --retry-failed tries them again, like any failure: still silent, still counted.
     again = featurize(data, tmp_path / "store", workers=1, retry_failed=True, progress=False)
@@ -209,12 +225,15 @@ def test_rms_level_and_silence_threshold():
     assert not audio.is_silent(sine * 10 ** (-40 / 20))  # -49 dBFS RMS
 
 
-@pytest.mark.parametrize("env, shard", [
-    ({"SLURM_PROCID": "1", "SLURM_NTASKS": "4"}, (0, 1)),  # sbatch --ntasks=4 without srun: not a shard
-    ({"SLURM_PROCID": "1", "SLURM_NTASKS": "4", "SLURM_STEP_ID": "4294967294"}, (0, 1)),  # the batch step
-    ({"SLURM_PROCID": "1", "SLURM_NTASKS": "4", "SLURM_STEP_ID": "0"}, (1, 4)),  # srun's step 0
-    ({"RANK": "2", "WORLD_SIZE": "3", "SLURM_PROCID": "1", "SLURM_NTASKS": "4", "SLURM_STEP_ID": "0"}, (2, 3)),
-])
+@pytest.mark.parametrize(
+    "env, shard",
+    [
+        ({"SLURM_PROCID": "1", "SLURM_NTASKS": "4"}, (0, 1)),  # sbatch --ntasks=4 without srun: not a shard
+        ({"SLURM_PROCID": "1", "SLURM_NTASKS": "4", "SLURM_STEP_ID": "4294967294"}, (0, 1)),  # the batch step
+        ({"SLURM_PROCID": "1", "SLURM_NTASKS": "4", "SLURM_STEP_ID": "0"}, (1, 4)),  # srun's step 0
+        ({"RANK": "2", "WORLD_SIZE": "3", "SLURM_PROCID": "1", "SLURM_NTASKS": "4", "SLURM_STEP_ID": "0"}, (2, 3)),
+    ],
+)
 def test_shard_from_env_trusts_slurm_only_under_srun(monkeypatch, env, shard):
     from genreclf.featurize import shard_from_env
 
@@ -265,8 +284,9 @@ def test_workers_that_never_finish_a_clip_stop_the_job(corpus):
     paths = sorted((corpus / "fma_large").rglob("*.mp3"))[:3]
     recorded = []
     with pytest.raises(GenreclfError, match="died 3 times before finishing a single file"):
-        pool_map([(row, str(p), 1.0, False) for row, p in enumerate(paths)], 1, recorded.append, always_die,
-                 _failed_job)
+        pool_map(
+            [(row, str(p), 1.0, False) for row, p in enumerate(paths)], 1, recorded.append, always_die, _failed_job
+        )
     assert recorded == []  # nothing blamed on the files: they stay pending for the next run
 
 
@@ -287,7 +307,7 @@ def test_a_worker_that_dies_or_hangs_fails_its_clip_and_the_job_goes_on(corpus, 
     assert [paths[r].name for r in failed] == ["000003.mp3"]
     assert reason in results[failed[0]][3]
     store = FeatureStore.open(store_dir)
-    for row, (_, array, n_valid, _, _) in results.items():
+    for row, (_, array, _, _, _) in results.items():
         if array is not None:
             np.testing.assert_array_equal(array, store.features(int(paths[row].stem)))
 
@@ -308,8 +328,24 @@ def test_subset_and_genres_all(corpus, tmp_path):
 def test_shards_in_two_processes_equal_a_plain_run(corpus, store_dir, tmp_path):
     out = tmp_path / "sharded"
     procs = [
-        subprocess.Popen([sys.executable, "-m", "genreclf", "-q", "featurize", "--data", str(corpus), "--out",
-                          str(out), "--workers", "1", "--shard", f"{k}/2"], stderr=subprocess.PIPE)
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "genreclf",
+                "-q",
+                "featurize",
+                "--data",
+                str(corpus),
+                "--out",
+                str(out),
+                "--workers",
+                "1",
+                "--shard",
+                f"{k}/2",
+            ],
+            stderr=subprocess.PIPE,
+        )
         for k in range(2)
     ]
     for p in procs:

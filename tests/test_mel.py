@@ -2,8 +2,8 @@ import librosa  # a test dependency (pyproject [test]): missing, the suite must 
 import numpy as np
 import pytest
 import torch
-
 from conftest import write_mp3
+
 from genreclf import audio
 from genreclf.mel import log_mel, log_mel_batch, mel_filterbank, pad_or_trim, valid_frames
 

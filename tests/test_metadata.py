@@ -49,10 +49,8 @@ def test_counts_match_the_csv(fma_dir: Path):
     assert len(labels) == 682 and labels.targets.shape == (682, 163)
     assert labels.targets.dtype == np.uint8 and labels.track_ids.dtype == np.int64
     assert labels.track_ids[0] == 2 and labels.track_ids[-1] == 932
-    assert dict(zip(*np.unique(labels.split, return_counts=True))) == {
-        "training": 563, "validation": 48, "test": 71}
-    assert dict(zip(*np.unique(labels.subset, return_counts=True))) == {
-        "large": 488, "medium": 136, "small": 58}
+    assert dict(zip(*np.unique(labels.split, return_counts=True))) == {"training": 563, "validation": 48, "test": 71}
+    assert dict(zip(*np.unique(labels.subset, return_counts=True))) == {"large": 488, "medium": 136, "small": 58}
     assert len(np.unique(labels.artist_ids)) == 84
     assert (labels.genre_top == "").sum() == 51
     empty = labels.track_ids[labels.targets.sum(axis=1) == 0]
@@ -194,8 +192,13 @@ def test_malformed_genres_csv(fma_dir: Path):
         load_fma(fma_dir)
 
 
-@pytest.mark.parametrize("old, new, column", [("1,8693,38,Avant-Garde,38", "1,8693,,Avant-Garde,38", "parent"),
-                                                ("1,8693,38,Avant-Garde,38", "1.7,8693,38,Avant-Garde,38", "genre_id")])
+@pytest.mark.parametrize(
+    "old, new, column",
+    [
+        ("1,8693,38,Avant-Garde,38", "1,8693,,Avant-Garde,38", "parent"),
+        ("1,8693,38,Avant-Garde,38", "1.7,8693,38,Avant-Garde,38", "genre_id"),
+    ],
+)
 def test_genres_csv_with_blank_or_fractional_ids(fma_dir: Path, old: str, new: str, column: str):
     edit(fma_dir / "genres.csv", old, new)
     with pytest.raises(GenreclfError, match=f"line 2 has {column} .*expected an integer"):

@@ -185,8 +185,10 @@ def test_fast_bootstrap_equals_resampling_tracks(name: str) -> None:
             resampled = per_genre(a, b)
             return float(np.where(np.isnan(resampled), full, resampled)[~np.isnan(full)].mean())
     else:
+
         def slow_fn(a: np.ndarray, b: np.ndarray) -> float:
             return fn(a, b)
+
     fast = M.bootstrap_ci(y, s, fn, n_boot=40, seed=3)
     slow = M.bootstrap_ci(y, s, slow_fn, n_boot=40, seed=3)
     np.testing.assert_allclose(fast, slow, rtol=0, atol=1e-12)
@@ -237,13 +239,15 @@ def test_top_level_accuracy() -> None:
     is_top = genre_ids == top_level
     true_col = M.genre_columns(genre_ids, [12, 2, -1, 38, 0])
     np.testing.assert_array_equal(true_col, [2, 0, -1, 4, -1])
-    s = np.array([
-        [0.1, 0.0, 0.9, 0.0, 0.2],  # argmax 12: right
-        [0.3, 0.9, 0.1, 0.0, 0.4],  # sub-genre column ignored; argmax 38: wrong
-        [0.9, 0.0, 0.0, 0.0, 0.0],  # no genre_top: excluded
-        [0.0, 0.0, 0.1, 0.9, 0.5],  # argmax 38: right
-        [0.0, 0.0, 0.0, 0.0, 0.0],
-    ])
+    s = np.array(
+        [
+            [0.1, 0.0, 0.9, 0.0, 0.2],  # argmax 12: right
+            [0.3, 0.9, 0.1, 0.0, 0.4],  # sub-genre column ignored; argmax 38: wrong
+            [0.9, 0.0, 0.0, 0.0, 0.0],  # no genre_top: excluded
+            [0.0, 0.0, 0.1, 0.9, 0.5],  # argmax 38: right
+            [0.0, 0.0, 0.0, 0.0, 0.0],
+        ]
+    )
     assert M.top_level_accuracy(s, is_top, true_col) == (pytest.approx(2 / 3), 3)
     assert M.top_level_accuracy(s, is_top, np.full(5, -1))[1] == 0
     with pytest.raises(GenreclfError):

@@ -132,8 +132,7 @@ def test_weighted_bce_matches_hand_computation():
     targets = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     # positive: -w*log(sigmoid(z)) = w*log(1+e^-z); negative: log(1+e^z)
     # Summed over the genres, averaged over the 2 clips (the reference's K.sum(..., axis=-1)).
-    expected = (4 * math.log(2) + math.log(1 + math.e**2) + math.log(1 + math.e**-1)
-                + 4 * math.log(1 + math.e**-3)) / 2
+    expected = (4 * math.log(2) + math.log(1 + math.e**2) + math.log(1 + math.e**-1) + 4 * math.log(1 + math.e**-3)) / 2
     assert weighted_bce(logits, targets, 4.0).item() == pytest.approx(expected, rel=1e-6)
     unweighted = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / 2
     torch.testing.assert_close(weighted_bce(logits, targets, 1.0), unweighted)

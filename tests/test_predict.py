@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from conftest import REAL_MP3, write_bad_files, write_long_wav
 
 import genreclf
-from conftest import REAL_MP3, write_bad_files, write_long_wav
 from genreclf import audio
 from genreclf.audio import N_FRAMES, SAMPLE_RATE
 from genreclf.data import crop_starts
@@ -126,7 +126,9 @@ def test_windows_of_a_long_file_are_averaged_by_their_real_frames():
     wave = np.random.default_rng(0).standard_normal(70 * SAMPLE_RATE).astype(np.float32) * 0.1
     tagger = Tagger(ModelFile(Probe(), config=None, genres=["a", "b", "c"], genre_ids=[1, 2, 3]), crop=None)
     # With crop=None the model sees each whole window: its third logit is the window's real frames / 1000.
-    expected = (2 * 938 * torch.sigmoid(torch.tensor(0.938)) + 313 * torch.sigmoid(torch.tensor(0.313))) / (2 * 938 + 313)
+    expected = (2 * 938 * torch.sigmoid(torch.tensor(0.938)) + 313 * torch.sigmoid(torch.tensor(0.313))) / (
+        2 * 938 + 313
+    )
     for per_batch in (8, 2):  # all windows in one batch, and a window left for a second batch
         probs = tagger.probabilities(wave, windows_per_batch=per_batch)
         assert probs.shape == (3,)

@@ -31,8 +31,14 @@ def test_a_copy_installed_inside_another_repository_records_no_git_revision(tmp_
     _git("add", "notes.txt", cwd=repo)
     _git("-c", "user.email=u@example.com", "-c", "user.name=u", "commit", "-qm", "user commit", cwd=repo)
     code = "import genreclf.provenance as p; print(p.git_revision())"
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
-                         env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},
+    )
     assert out.stdout.strip() == "None"
 
 

@@ -15,17 +15,16 @@ import pytest
 import torch
 
 from genreclf.atomic import atomic_savez
+from genreclf.config import FitConfig, TrainConfig
 from genreclf.data import split_positions
 from genreclf.errors import GenreclfError
 from genreclf.evaluate import WHOLE_SEQUENCE_BUDGET, evaluate, predict_store, whole_sequence_batch, whole_sequence_bytes
-from genreclf.config import TrainConfig
 from genreclf.metrics import average_precision, bootstrap_ci, tagging_metrics
 from genreclf.modelfile import ModelFile
 from genreclf.models import GRUConfig, TransformerConfig
 from genreclf.report import build_report, learning_curve, load_run
 from genreclf.report_figures import pr_curve
 from genreclf.store import FeatureStore
-from genreclf.config import FitConfig
 from genreclf.train import EpochLog, train
 
 N_BOOT = 200
@@ -46,16 +45,22 @@ def runs(store_dir, tmp_path_factory) -> dict[str, Path]:
     """One-epoch GRU and Transformer runs on the official split (not yet evaluated)."""
     root = tmp_path_factory.mktemp("runs")
     for kind in ("gru", "transformer"):
-        train(store_dir, root / kind, FitConfig(model=kind, epochs=1, batch_size=8, workers=0), TrainConfig(lr=1e-3),
-              progress=False)
+        train(
+            store_dir,
+            root / kind,
+            FitConfig(model=kind, epochs=1, batch_size=8, workers=0),
+            TrainConfig(lr=1e-3),
+            progress=False,
+        )
     return {"gru": root / "gru", "transformer": root / "transformer"}
 
 
 @pytest.fixture(scope="module")
 def report(runs, tmp_path_factory):
     """The report of both runs; evaluates them first, as neither has metrics.json yet."""
-    return build_report([runs["gru"], runs["transformer"]], tmp_path_factory.mktemp("report"), n_boot=N_BOOT,
-                        progress=False)
+    return build_report(
+        [runs["gru"], runs["transformer"]], tmp_path_factory.mktemp("report"), n_boot=N_BOOT, progress=False
+    )
 
 
 def copy_run(src: Path, dst: Path, **provenance: object) -> Path:
@@ -89,11 +94,24 @@ def test_report_writes_every_figure_and_says_what_it_measured(report, runs):
     row = next(line for line in md.splitlines() if line.startswith("| gru |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     # run, model, parameters, epochs, trained split, evaluated split, tracks, failed, labels, subset, git, date
-    assert cells[4:11] == ["official", "official", str(ev["n_tracks"]), str(ev["n_failed_in_store"]),
-                           prov["labels"], prov["subset"], prov["git"]]
+    assert cells[4:11] == [
+        "official",
+        "official",
+        str(ev["n_tracks"]),
+        str(ev["n_failed_in_store"]),
+        prov["labels"],
+        prov["subset"],
+        prov["git"],
+    ]
     assert prov["store"] in md
-    for section in ("top-level genre accuracy", "majority-class baseline", "crop averaging", "Paired differences",
-                    "Learning curves", "Precision-recall curves"):
+    for section in (
+        "top-level genre accuracy",
+        "majority-class baseline",
+        "crop averaging",
+        "Paired differences",
+        "Learning curves",
+        "Precision-recall curves",
+    ):
         assert section in md
     assert f"Caution: {ev['n_tracks']} test tracks." in md  # few tracks: averaged per-genre AP is biased upward
 
@@ -111,7 +129,8 @@ def test_intervals_and_chance_levels_come_from_metrics(report, runs):
     prevalence = support[support > 0] / len(y)
     assert rec["metrics"]["ap_macro"]["chance"] == pytest.approx(prevalence.mean())
     assert rec["metrics"]["ap_weighted"]["chance"] == pytest.approx(
-        (support[support > 0] * prevalence).sum() / support.sum())
+        (support[support > 0] * prevalence).sum() / support.sum()
+    )
     assert rec["metrics"]["roc_auc_macro"]["chance"] == 0.5
     n_present = int((support > 0).sum())  # the macro averages' fixed genre set, stated in metrics.json and the report
     assert (rec["macro_genres"]["ap_macro"], rec["macro_genres"]["of"]) == (n_present, y.shape[1])
@@ -175,8 +194,9 @@ def overridden(report, runs, store_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("overridden")
     run = copy_run(runs["gru"], root / "gru")
     present, absent = reference_pr_genres(store_dir)
-    return run, build_report([run], root / "out", split="reference", n_boot=N_BOOT, pr_genres=[absent, present],
-                             progress=False)
+    return run, build_report(
+        [run], root / "out", split="reference", n_boot=N_BOOT, pr_genres=[absent, present], progress=False
+    )
 
 
 def test_runs_on_different_splits_form_separate_groups(leaky):
@@ -276,8 +296,9 @@ def test_default_evaluation_scores_crops_only(report, runs):
 
 
 def test_whole_sequence_scores_are_batched_and_equal_one_batch(report, runs, store_dir, tmp_path):
-    result = evaluate(runs["transformer"], store_dir, out=tmp_path / "metrics.json", progress=False,
-                      whole_sequence=True)
+    result = evaluate(
+        runs["transformer"], store_dir, out=tmp_path / "metrics.json", progress=False, whole_sequence=True
+    )
     store = FeatureStore.open(store_dir)
     positions = split_positions(store, "test", "official", 0)
     model_file = ModelFile.load(runs["transformer"] / "model.safetensors")
@@ -362,8 +383,9 @@ def test_predictions_are_written_before_metrics(report, runs, tmp_path):
     (run / "predictions.npz").unlink()
     (run / "predictions.npz").mkdir()
     with pytest.raises(OSError):
-        evaluate(run, ModelFile.load(run / "model.safetensors").provenance["store"], out=run / "metrics.json",
-                 progress=False)
+        evaluate(
+            run, ModelFile.load(run / "model.safetensors").provenance["store"], out=run / "metrics.json", progress=False
+        )
     assert not (run / "metrics.json").exists()
     assert [p.name for p in run.iterdir() if p.name.startswith(".")] == []
 
@@ -395,8 +417,10 @@ def test_atomic_savez_round_trips_and_leaves_no_temporary_file(tmp_path):
 
 
 def test_the_report_does_not_import_lightning():
-    code = ("import sys, genreclf.report, genreclf.evaluate; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')))")
+    code = (
+        "import sys, genreclf.report, genreclf.evaluate; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

@@ -140,9 +140,7 @@ def band_profile(clip: np.ndarray, rate: int) -> np.ndarray:
     frames = mono[: len(mono) // n * n].reshape(-1, n) * np.hanning(n)
     power = np.abs(np.fft.rfft(frames, axis=1)) ** 2
     freqs, edges = np.fft.rfftfreq(n, 1 / rate), np.geomspace(60, rate / 2, 33)
-    bands = np.stack(
-        [power[:, (freqs >= lo) & (freqs < hi)].sum(axis=1) for lo, hi in zip(edges, edges[1:])], axis=1
-    )
+    bands = np.stack([power[:, (freqs >= lo) & (freqs < hi)].sum(axis=1) for lo, hi in zip(edges, edges[1:])], axis=1)
     logs = np.log(bands + 1e-8)
     logs -= logs.max()
     return np.concatenate([logs.mean(axis=0), logs.std(axis=0)])

@@ -15,11 +15,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from genreclf.config import FitConfig, PretrainConfig, TrainConfig
 from genreclf.data import CropBatchSampler, loader, split_positions
 from genreclf.errors import GenreclfError
-from genreclf.config import PretrainConfig, TrainConfig
 from genreclf.store import FeatureStore
-from genreclf.config import FitConfig
 from genreclf.train import EpochLog, _trainer, pretrain, train
 
 # early_stopping: its state is in the checkpoints too (it never stops runs this short)
@@ -40,8 +39,9 @@ class Batches(Callback):
 def drawn(store: FeatureStore, fit: FitConfig, epoch: int) -> list[dict[str, torch.Tensor]]:
     """Return the batches a fresh CropBatchSampler draws for `epoch` (default_rng([seed, epoch]))."""
     positions = split_positions(store, "training", fit.split, fit.seed)
-    sampler = CropBatchSampler(store.valid_frames, positions, fit.batch_size, fit.min_crop, fit.max_crop, fit.seed,
-                               first_epoch=epoch)
+    sampler = CropBatchSampler(
+        store.valid_frames, positions, fit.batch_size, fit.min_crop, fit.max_crop, fit.seed, first_epoch=epoch
+    )
     return list(loader(store, sampler))
 
 
@@ -58,20 +58,32 @@ def runs(store_dir, tmp_path_factory) -> dict:
     out: dict = {}
     for workers in (0, 1):
         seen = Batches()
-        train(store_dir, root / f"w{workers}", dataclasses.replace(FIT, workers=workers), OPTIM,
-              progress=False, callbacks=[seen])
+        train(
+            store_dir,
+            root / f"w{workers}",
+            dataclasses.replace(FIT, workers=workers),
+            OPTIM,
+            progress=False,
+            callbacks=[seen],
+        )
         out[f"w{workers}"] = seen.seen
     resumed = root / "resumed"
     first, then = Batches(), Batches()
-    train(store_dir, resumed, dataclasses.replace(FIT, epochs=1, workers=1), OPTIM, progress=False,
-          callbacks=[first])
+    train(store_dir, resumed, dataclasses.replace(FIT, epochs=1, workers=1), OPTIM, progress=False, callbacks=[first])
     metrics = resumed / "logs" / "metrics.csv"
     shutil.copy(metrics, root / "before_resume.csv")
     # As if killed after epoch 1 was logged but before its checkpoint was written.
     with open(metrics, "a") as f:
         f.write("1,99.0,99.0,0.001,1.0\n")
-    train(store_dir, resumed, dataclasses.replace(FIT, epochs=3, workers=1), OPTIM, resume=True,
-          progress=False, callbacks=[then])
+    train(
+        store_dir,
+        resumed,
+        dataclasses.replace(FIT, epochs=3, workers=1),
+        OPTIM,
+        resume=True,
+        progress=False,
+        callbacks=[then],
+    )
     out["resumed"] = {**first.seen, **then.seen}
     out["root"] = root
     return out
@@ -133,16 +145,15 @@ def test_resume_refuses_a_checkpoint_that_would_run_code(store_dir, tmp_path):
 
 def test_checkpoints_hold_only_plain_values(runs):
     for name in ("last.ckpt", "best.ckpt"):
-        checkpoint = torch.load(runs["root"] / "resumed" / "checkpoints" / name, map_location="cpu",
-                                weights_only=True)
+        checkpoint = torch.load(runs["root"] / "resumed" / "checkpoints" / name, map_location="cpu", weights_only=True)
         assert checkpoint["hyper_parameters"]["model_config"]["kind"] == "gru"
 
 
 def test_default_is_one_device_even_on_a_multi_gpu_node(monkeypatch, tmp_path):
     # Lightning is told there are 4 GPUs (its CUDA probes, not ours, are replaced: no GPU is needed here).
     import lightning.fabric.accelerators.cuda as fabric_cuda
-    from lightning.fabric.utilities import device_parser
     import lightning.pytorch.accelerators.cuda as pytorch_cuda
+    from lightning.fabric.utilities import device_parser
 
     for module in (fabric_cuda, pytorch_cuda, device_parser):
         for name, fake in (("num_cuda_devices", lambda: 4), ("is_cuda_available", lambda: True)):
@@ -159,8 +170,7 @@ def test_train_leaves_warning_filters_and_log_levels_as_they_were(store_dir, tmp
     logger.setLevel(logging.INFO)
     try:
         filters = list(warnings.filters)
-        train(store_dir, tmp_path / "run", dataclasses.replace(FIT, epochs=1, workers=0), OPTIM,
-              progress=False)
+        train(store_dir, tmp_path / "run", dataclasses.replace(FIT, epochs=1, workers=0), OPTIM, progress=False)
         assert warnings.filters == filters
         assert logger.level == logging.INFO
     finally:

@@ -15,9 +15,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import av
 
 from genreclf.errors import AudioError, GenreclfError
 
@@ -65,11 +68,11 @@ class SignalConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SignalConfig":
+    def from_dict(cls, d: dict) -> SignalConfig:
         """Settings from a dict written by to_dict."""
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
-    def check_same(self, other: "SignalConfig", what: str) -> None:
+    def check_same(self, other: SignalConfig, what: str) -> None:
         """Raise GenreclfError if `other` (from `what`) has different settings."""
         if self != other:
             diff = {k: (v, getattr(other, k)) for k, v in asdict(self).items() if getattr(other, k) != v}
@@ -224,8 +227,11 @@ def _check_file(path: str | Path) -> Path:
 def _not_audio(path: Path, sf_error: Exception, av_error: Exception, said: list[str]) -> AudioError:
     """The error for a file neither decoder can read; both decoders' own messages go to `details`."""
     details = "; ".join([f"libsndfile: {sf_error}", f"FFmpeg: {av_error}", *said])
-    return AudioError(f"{path}: not a readable audio file (neither libsndfile nor FFmpeg can decode it); "
-                      "the file is corrupt or not audio", details)
+    return AudioError(
+        f"{path}: not a readable audio file (neither libsndfile nor FFmpeg can decode it); "
+        "the file is corrupt or not audio",
+        details,
+    )
 
 
 def _log_said(path: str | Path, details: str) -> None:
@@ -264,7 +270,7 @@ def _decode_pyav(path: Path, max_seconds: float | None) -> tuple[np.ndarray, int
     return np.concatenate(chunks, axis=1).T.astype(np.float32, copy=False), rate
 
 
-def _open_pyav(path: Path) -> tuple["av.container.InputContainer", Iterator[np.ndarray], int]:
+def _open_pyav(path: Path) -> tuple[av.container.InputContainer, Iterator[np.ndarray], int]:
     """Open `path` with FFmpeg; return (container, its float32 (channels, samples) frames, sample rate)."""
     import av
 
@@ -303,8 +309,10 @@ def _decoded_chunks(path: Path, said: list[str]) -> Iterator[tuple[np.ndarray, i
             given += len(chunk)
     except Exception as e:
         if given:  # blocks already given out cannot be taken back: say it broke part-way
-            raise AudioError(f"{path}: decoding failed part-way through; the file is corrupt or truncated",
-                             "; ".join([f"libsndfile: {sf_error}", f"FFmpeg: {e}", *said])) from None
+            raise AudioError(
+                f"{path}: decoding failed part-way through; the file is corrupt or truncated",
+                "; ".join([f"libsndfile: {sf_error}", f"FFmpeg: {e}", *said]),
+            ) from None
         raise _not_audio(path, sf_error, e, said) from None
     said.insert(0, f"libsndfile: {sf_error} (decoded by FFmpeg instead)")
 
@@ -374,7 +382,7 @@ def _native_stderr(said: list[str]) -> Iterator[None]:
 def _redirect_stderr() -> tuple[int, IO[bytes]] | None:
     """Point descriptor 2 at a new temporary file; return (a copy of the old descriptor, the file), or None."""
     try:
-        sink = tempfile.TemporaryFile()
+        sink = tempfile.TemporaryFile()  # noqa: SIM115 (closed when the descriptor is restored)
     except OSError:  # no writable temporary folder: decode uncaptured rather than not at all
         return None
     try:

@@ -74,11 +74,14 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_download(args: argparse.Namespace) -> int:
     from genreclf.download import download
 
-    folders = download(args.subset, args.to, base_url=args.url, keep_archives=not args.delete_archives,
-                       progress=not args.quiet)
+    folders = download(
+        args.subset, args.to, base_url=args.url, keep_archives=not args.delete_archives, progress=not args.quiet
+    )
     print(f"FMA {args.subset} is in {args.to}: {', '.join(str(f) for f in folders)}")
-    print(f"next: genreclf featurize --data {args.to} --out STORE" + ("" if args.subset == "metadata" else
-                                                                     f" --subset {args.subset}"))
+    print(
+        f"next: genreclf featurize --data {args.to} --out STORE"
+        + ("" if args.subset == "metadata" else f" --subset {args.subset}")
+    )
     return 0
 
 
@@ -113,10 +116,19 @@ def _fit_config(args: argparse.Namespace, model: str):
     from genreclf.config import FitConfig
 
     return FitConfig(
-        model=model, epochs=args.epochs, batch_size=args.batch_size, min_crop=args.min_crop,
-        max_crop=args.max_crop, val_crop=args.max_crop, split=args.split, seed=args.seed, workers=args.workers,
-        early_stopping=args.early_stopping, pretrained=getattr(args, "pretrained", None),
-        accelerator=args.accelerator, devices=args.devices,
+        model=model,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        min_crop=args.min_crop,
+        max_crop=args.max_crop,
+        val_crop=args.max_crop,
+        split=args.split,
+        seed=args.seed,
+        workers=args.workers,
+        early_stopping=args.early_stopping,
+        pretrained=getattr(args, "pretrained", None),
+        accelerator=args.accelerator,
+        devices=args.devices,
     )
 
 
@@ -124,12 +136,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     from genreclf.config import TrainConfig
     from genreclf.train import train
 
-    optim = TrainConfig(lr=args.lr, pos_weight=args.pos_weight, weight_decay=args.weight_decay,
-                        plateau_patience=args.plateau_patience)
-    result = train(args.store, args.out, _fit_config(args, args.model), optim, resume=args.resume,
-                   progress=not args.quiet)
-    print(f"{args.model}: {result.parameters:,} parameters, {result.epochs} epochs in {result.seconds:.0f} s, "
-          f"best val_loss {result.best_val_loss:.4f}; model written to {result.model_path}")
+    optim = TrainConfig(
+        lr=args.lr, pos_weight=args.pos_weight, weight_decay=args.weight_decay, plateau_patience=args.plateau_patience
+    )
+    result = train(
+        args.store, args.out, _fit_config(args, args.model), optim, resume=args.resume, progress=not args.quiet
+    )
+    print(
+        f"{args.model}: {result.parameters:,} parameters, {result.epochs} epochs in {result.seconds:.0f} s, "
+        f"best val_loss {result.best_val_loss:.4f}; model written to {result.model_path}"
+    )
     return 0
 
 
@@ -138,11 +154,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from genreclf.train import pretrain
 
     optim = PretrainConfig(lr=args.lr, mask_ratio=args.mask_ratio, plateau_patience=args.plateau_patience)
-    result = pretrain(args.store, args.out, _fit_config(args, "transformer"), optim, resume=args.resume,
-                      progress=not args.quiet)
-    print(f"pretrained the transformer encoder ({result.parameters:,} parameters) for {result.epochs} epochs, "
-          f"best masked-frame val MAE {result.best_val_loss:.4f}; encoder written to {result.model_path} "
-          f"(use it with `genreclf train --model transformer --pretrained {result.model_path}`)")
+    result = pretrain(
+        args.store, args.out, _fit_config(args, "transformer"), optim, resume=args.resume, progress=not args.quiet
+    )
+    print(
+        f"pretrained the transformer encoder ({result.parameters:,} parameters) for {result.epochs} epochs, "
+        f"best masked-frame val MAE {result.best_val_loss:.4f}; encoder written to {result.model_path} "
+        f"(use it with `genreclf train --model transformer --pretrained {result.model_path}`)"
+    )
     return 0
 
 
@@ -150,9 +169,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from genreclf.evaluate import evaluate, format_table
 
     out = args.out or (Path(args.model) if Path(args.model).is_dir() else Path(args.model).parent) / "metrics.json"
-    result = evaluate(args.model, args.store, split=args.split, part=args.part, crop=args.crop,
-                      n_crops=args.crops, seed=args.seed, whole_sequence=args.whole_sequence, out=out,
-                      progress=not args.quiet)
+    result = evaluate(
+        args.model,
+        args.store,
+        split=args.split,
+        part=args.part,
+        crop=args.crop,
+        n_crops=args.crops,
+        seed=args.seed,
+        whole_sequence=args.whole_sequence,
+        out=out,
+        progress=not args.quiet,
+    )
     print(format_table([result]))
     print(f"metrics written to {out} (predictions in {Path(out).with_name('predictions.npz')})")
     return 0
@@ -179,7 +207,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         for path in files:
             try:
                 top = tagger.predict(path).top(args.top)
-                records.append({"file": str(path), "genres": [{"genre": g, "probability": round(p, 4)} for g, p in top]})
+                records.append(
+                    {"file": str(path), "genres": [{"genre": g, "probability": round(p, 4)} for g, p in top]}
+                )
             except GenreclfError as e:
                 records.append({"file": str(path), "error": str(e)})
                 failed += 1
@@ -210,8 +240,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from genreclf.report import build_report
 
-    result = build_report(args.runs, args.out, store=args.store, split=args.split, n_boot=args.boot,
-                          pr_genres=args.pr_genre, progress=not args.quiet, whole_sequence=args.whole_sequence)
+    result = build_report(
+        args.runs,
+        args.out,
+        store=args.store,
+        split=args.split,
+        n_boot=args.boot,
+        pr_genres=args.pr_genre,
+        progress=not args.quiet,
+        whole_sequence=args.whole_sequence,
+    )
     print(f"report written to {result.markdown} (with {result.json.name} and {len(result.figures)} figures)")
     return 0
 
@@ -249,8 +287,9 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 class _CommandParser(argparse.ArgumentParser):
     """A command's parser that adds its arguments (`add_arguments(self)`) the first time it is used."""
 
-    def __init__(self, *args: Any, add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
-                 **kwargs: Any):
+    def __init__(
+        self, *args: Any, add_arguments: Callable[[argparse.ArgumentParser], None] | None = None, **kwargs: Any
+    ):
         kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
         self._add_arguments = add_arguments
@@ -288,7 +327,8 @@ def _add_split(p: argparse.ArgumentParser, default: str | None, help_text: str, 
     def split(text: str) -> str:
         if text in PARTS:
             raise argparse.ArgumentTypeError(
-                f"{text!r} is a part, not a split ({' or '.join(SPLITS)}); {hint.format(part=text)}")
+                f"{text!r} is a part, not a split ({' or '.join(SPLITS)}); {hint.format(part=text)}"
+            )
         return text
 
     p.add_argument("--split", type=split, choices=SPLITS, default=default, help=help_text)
@@ -300,23 +340,34 @@ def _add_synth(p: argparse.ArgumentParser) -> None:
     p.description = (
         "Write a synthetic corpus in FMA's exact layout and formats: OUT/fma_metadata/tracks.csv, "
         "OUT/fma_metadata/genres.csv and 44.1 kHz stereo MP3s at OUT/fma_large/AAA/AAABBB.mp3. "
-        "Each genre has an acoustic signature, so a working pipeline learns it and a broken one does not.")
+        "Each genre has an acoustic signature, so a working pipeline learns it and a broken one does not."
+    )
     p.add_argument("out", type=Path, help="output folder")
     p.add_argument("--tracks", type=_positive_int, default=200, help="number of tracks")
-    p.add_argument("--seconds", type=_positive_float, default=_default(make_corpus, "seconds"),
-                   help="clip length in seconds")
-    p.add_argument("--seed", type=int, default=_default(make_corpus, "seed"),
-                   help="random seed; the same seed writes the same corpus")
-    p.add_argument("--workers", type=_positive_int, default=_default(make_corpus, "workers"),
-                   help="encoder processes (default: all cores)")
+    p.add_argument(
+        "--seconds", type=_positive_float, default=_default(make_corpus, "seconds"), help="clip length in seconds"
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=_default(make_corpus, "seed"),
+        help="random seed; the same seed writes the same corpus",
+    )
+    p.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=_default(make_corpus, "workers"),
+        help="encoder processes (default: all cores)",
+    )
     p.set_defaults(func=cmd_synth)
 
 
 def _add_data(p: argparse.ArgumentParser) -> None:
     p.description = "Commands that fetch the FMA dataset."
     data_sub = p.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
-    data_sub.add_parser("download", help="download, verify and unzip FMA's archives (resumable)",
-                        add_arguments=_add_download)
+    data_sub.add_parser(
+        "download", help="download, verify and unzip FMA's archives (resumable)", add_arguments=_add_download
+    )
 
 
 def _add_download(p: argparse.ArgumentParser) -> None:
@@ -326,9 +377,11 @@ def _add_download(p: argparse.ArgumentParser) -> None:
         "Fetch FMA's official archives (fma_metadata.zip, and fma_SUBSET.zip for an audio subset), "
         "resuming partial downloads, checking the SHA-1 checksums FMA publishes, and unzipping them into TO "
         "(the layout `genreclf featurize --data TO` reads). Sizes: metadata 342 MiB, small 7.2 GiB, "
-        "medium 22 GiB, large 93 GiB, full 879 GiB.")
-    p.add_argument("--subset", choices=SUBSETS, required=True,
-                   help="what to fetch; an audio subset also fetches the metadata")
+        "medium 22 GiB, large 93 GiB, full 879 GiB."
+    )
+    p.add_argument(
+        "--subset", choices=SUBSETS, required=True, help="what to fetch; an audio subset also fetches the metadata"
+    )
     p.add_argument("--to", type=Path, required=True, help="folder for the archives and the unzipped data")
     p.add_argument("--url", default=_default(download, "base_url"), help="base URL of the archives")
     p.add_argument("--delete-archives", action="store_true", help="delete each archive once it is unzipped")
@@ -342,29 +395,65 @@ def _add_featurize(p: argparse.ArgumentParser) -> None:
         "Decode every track of an FMA-layout corpus (DATA/fma_metadata + DATA/fma_large/AAA/AAABBB.mp3), "
         "compute 128-band log-mel spectrograms (30 s, 938 frames) and write them to a memory-mapped float16 store. "
         "Undecodable files are listed in STORE/part-*/failed.csv and the job goes on; an interrupted run resumes "
-        "when the same command is run again.")
+        "when the same command is run again."
+    )
     p.add_argument("--data", type=Path, required=True, help="corpus folder holding fma_metadata/ and the audio")
     p.add_argument("--out", type=Path, required=True, help="store folder to write (or to resume)")
-    p.add_argument("--subset", choices=["small", "medium", "large", "full"], default=_default(featurize, "subset"),
-                   help="FMA subset to featurize (default: every track in tracks.csv)")
-    p.add_argument("--labels", choices=["genres", "genres_all"], default=_default(featurize, "labels"),
-                   help="targets from the track's own genres (reference recipe) or with their ancestors")
-    p.add_argument("--audio", type=Path, default=_default(featurize, "audio_dir"),
-                   help="audio folder (default: DATA/fma_large, else fma_medium, fma_small, fma_full)")
-    p.add_argument("--workers", type=_positive_int, default=_default(featurize, "workers"),
-                   help="decoder processes (default: all cores)")
-    p.add_argument("--shard", type=_shard, default=_default(featurize, "shard"), metavar="K/N",
-                   help="featurize part K of N (0-based) into its own part of the store; under torchrun or "
-                   "SLURM the default is RANK/WORLD_SIZE")
-    p.add_argument("--retry-failed", action="store_true",
-                   help="try the tracks listed in failed.csv again (after fixing or restoring their files)")
-    p.add_argument("--device", default=_default(featurize, "device"),
-                   help="batch the log-mel on this torch device (default: cuda if present, else one clip per "
-                   "CPU worker)")
-    p.add_argument("--min-seconds", type=_positive_float, default=_default(featurize, "min_seconds"),
-                   help="clips shorter than this are recorded as failed")
-    p.add_argument("--clip-timeout", type=_positive_float, default=_default(featurize, "clip_timeout"),
-                   metavar="SECONDS", help="a clip whose decoder gives no result in this time is recorded as failed")
+    p.add_argument(
+        "--subset",
+        choices=["small", "medium", "large", "full"],
+        default=_default(featurize, "subset"),
+        help="FMA subset to featurize (default: every track in tracks.csv)",
+    )
+    p.add_argument(
+        "--labels",
+        choices=["genres", "genres_all"],
+        default=_default(featurize, "labels"),
+        help="targets from the track's own genres (reference recipe) or with their ancestors",
+    )
+    p.add_argument(
+        "--audio",
+        type=Path,
+        default=_default(featurize, "audio_dir"),
+        help="audio folder (default: DATA/fma_large, else fma_medium, fma_small, fma_full)",
+    )
+    p.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=_default(featurize, "workers"),
+        help="decoder processes (default: all cores)",
+    )
+    p.add_argument(
+        "--shard",
+        type=_shard,
+        default=_default(featurize, "shard"),
+        metavar="K/N",
+        help="featurize part K of N (0-based) into its own part of the store; under torchrun or "
+        "SLURM the default is RANK/WORLD_SIZE",
+    )
+    p.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="try the tracks listed in failed.csv again (after fixing or restoring their files)",
+    )
+    p.add_argument(
+        "--device",
+        default=_default(featurize, "device"),
+        help="batch the log-mel on this torch device (default: cuda if present, else one clip per CPU worker)",
+    )
+    p.add_argument(
+        "--min-seconds",
+        type=_positive_float,
+        default=_default(featurize, "min_seconds"),
+        help="clips shorter than this are recorded as failed",
+    )
+    p.add_argument(
+        "--clip-timeout",
+        type=_positive_float,
+        default=_default(featurize, "clip_timeout"),
+        metavar="SECONDS",
+        help="a clip whose decoder gives no result in this time is recorded as failed",
+    )
     p.set_defaults(func=cmd_featurize)
 
 
@@ -375,16 +464,28 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         "Train on the store's training split with random 128-256-frame crops and a positively "
         "weighted binary cross-entropy; the epoch with the lowest validation loss becomes "
         "OUT/model.safetensors. Progress, losses per epoch (OUT/logs/metrics.csv) and an ETA are shown; "
-        "an interrupted run continues with --resume.")
+        "an interrupted run continues with --resume."
+    )
     p.add_argument("--model", choices=["gru", "transformer"], required=True, help="architecture")
-    p.add_argument("--lr", type=_positive_float, default=_default(TrainConfig, "lr"),
-                   help="Adam learning rate, as in the reference")
-    p.add_argument("--pos-weight", type=_positive_float, default=_default(TrainConfig, "pos_weight"),
-                   help="BCE weight of positive labels, as in the reference")
-    p.add_argument("--weight-decay", type=float, default=_default(TrainConfig, "weight_decay"),
-                   help="Adam L2 penalty")
-    p.add_argument("--pretrained", default=_default(FitConfig, "pretrained"),
-                   metavar="ENCODER", help="start the transformer from encoder.safetensors of `genreclf pretrain`")
+    p.add_argument(
+        "--lr",
+        type=_positive_float,
+        default=_default(TrainConfig, "lr"),
+        help="Adam learning rate, as in the reference",
+    )
+    p.add_argument(
+        "--pos-weight",
+        type=_positive_float,
+        default=_default(TrainConfig, "pos_weight"),
+        help="BCE weight of positive labels, as in the reference",
+    )
+    p.add_argument("--weight-decay", type=float, default=_default(TrainConfig, "weight_decay"), help="Adam L2 penalty")
+    p.add_argument(
+        "--pretrained",
+        default=_default(FitConfig, "pretrained"),
+        metavar="ENCODER",
+        help="start the transformer from encoder.safetensors of `genreclf pretrain`",
+    )
     _add_fit(p, TrainConfig)
     p.set_defaults(func=cmd_train)
 
@@ -395,43 +496,69 @@ def _add_pretrain(p: argparse.ArgumentParser) -> None:
     p.description = (
         "Self-supervised pretraining: random spans of frames are masked and the Transformer "
         "encoder learns to reconstruct them (no labels used). Writes OUT/encoder.safetensors for "
-        "`genreclf train --model transformer --pretrained`.")
+        "`genreclf train --model transformer --pretrained`."
+    )
     p.add_argument("--lr", type=_positive_float, default=_default(PretrainConfig, "lr"), help="Adam learning rate")
-    p.add_argument("--mask-ratio", type=float, default=_default(PretrainConfig, "mask_ratio"),
-                   help="fraction of frames masked")
+    p.add_argument(
+        "--mask-ratio", type=float, default=_default(PretrainConfig, "mask_ratio"), help="fraction of frames masked"
+    )
     _add_fit(p, PretrainConfig)
     p.set_defaults(func=cmd_pretrain)
 
 
 def _add_fit(p: argparse.ArgumentParser, optimiser: type) -> None:
     """Add the arguments train and pretrain share: FitConfig's, and the plateau patience of `optimiser`."""
-    from genreclf.config import SPLITS
-    from genreclf.config import FitConfig
+    from genreclf.config import SPLITS, FitConfig
 
     p.add_argument("--store", type=Path, required=True, help="feature store from `genreclf featurize`")
     p.add_argument("--out", type=Path, required=True, help="run folder to write")
     p.add_argument("--epochs", type=_positive_int, default=_default(FitConfig, "epochs"), help="maximum epochs")
-    p.add_argument("--batch-size", type=_positive_int, default=_default(FitConfig, "batch_size"),
-                   help="tracks per batch")
-    p.add_argument("--min-crop", type=_positive_int, default=_default(FitConfig, "min_crop"),
-                   help="shortest random crop, frames")
-    p.add_argument("--max-crop", type=_positive_int, default=_default(FitConfig, "max_crop"),
-                   help="longest random crop, frames (also the validation crop)")
-    p.add_argument("--split", choices=SPLITS, default=_default(FitConfig, "split"),
-                   help="FMA's artist-filtered split (official) or a random split like the reference's "
-                        "80/20: 20%% test, 8%% validation, 72%% training")
-    p.add_argument("--early-stopping", type=_count, default=_default(FitConfig, "early_stopping"),
-                   metavar="EPOCHS", help="stop after this many epochs without a better validation loss (0: never)")
-    p.add_argument("--plateau-patience", type=_positive_int, default=_default(optimiser, "plateau_patience"),
-                   help="epochs without improvement before the learning rate is divided by 10")
-    p.add_argument("--seed", type=int, default=_default(FitConfig, "seed"),
-                   help="random seed (weights, crops, reference split)")
-    p.add_argument("--workers", type=_count, default=_default(FitConfig, "workers"),
-                   help="data loader processes (0: none)")
-    p.add_argument("--accelerator", default=_default(FitConfig, "accelerator"),
-                   help="Lightning accelerator: auto, cpu, gpu")
-    p.add_argument("--devices", default=_default(FitConfig, "devices"),
-                   help="Lightning devices: auto, or a number of GPUs/processes (e.g. 4 for DDP)")
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=_default(FitConfig, "batch_size"), help="tracks per batch"
+    )
+    p.add_argument(
+        "--min-crop", type=_positive_int, default=_default(FitConfig, "min_crop"), help="shortest random crop, frames"
+    )
+    p.add_argument(
+        "--max-crop",
+        type=_positive_int,
+        default=_default(FitConfig, "max_crop"),
+        help="longest random crop, frames (also the validation crop)",
+    )
+    p.add_argument(
+        "--split",
+        choices=SPLITS,
+        default=_default(FitConfig, "split"),
+        help="FMA's artist-filtered split (official) or a random split like the reference's "
+        "80/20: 20%% test, 8%% validation, 72%% training",
+    )
+    p.add_argument(
+        "--early-stopping",
+        type=_count,
+        default=_default(FitConfig, "early_stopping"),
+        metavar="EPOCHS",
+        help="stop after this many epochs without a better validation loss (0: never)",
+    )
+    p.add_argument(
+        "--plateau-patience",
+        type=_positive_int,
+        default=_default(optimiser, "plateau_patience"),
+        help="epochs without improvement before the learning rate is divided by 10",
+    )
+    p.add_argument(
+        "--seed", type=int, default=_default(FitConfig, "seed"), help="random seed (weights, crops, reference split)"
+    )
+    p.add_argument(
+        "--workers", type=_count, default=_default(FitConfig, "workers"), help="data loader processes (0: none)"
+    )
+    p.add_argument(
+        "--accelerator", default=_default(FitConfig, "accelerator"), help="Lightning accelerator: auto, cpu, gpu"
+    )
+    p.add_argument(
+        "--devices",
+        default=_default(FitConfig, "devices"),
+        help="Lightning devices: auto, or a number of GPUs/processes (e.g. 4 for DDP)",
+    )
     p.add_argument("--resume", action="store_true", help="continue OUT from its last checkpoint")
 
 
@@ -443,19 +570,32 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
         "Predict every track of a split (mean over evenly spaced crops, and with --whole-sequence over the whole "
         "sequence too) and compute the reference's positively weighted AP, micro AP, macro AP and macro ROC-AUC, "
         "each with the score of a prior-only predictor, plus FMA's top-level genre accuracy. Writes metrics.json "
-        "and predictions.npz.")
+        "and predictions.npz."
+    )
     p.add_argument("model", help="model.safetensors (or the run folder holding it)")
     p.add_argument("--store", type=Path, required=True, help="feature store to evaluate on")
-    _add_split(p, _default(evaluate, "split"), help_text="which split (default: the one the model was trained on)",
-               hint="for the {part} part use --part {part}")
+    _add_split(
+        p,
+        _default(evaluate, "split"),
+        help_text="which split (default: the one the model was trained on)",
+        hint="for the {part} part use --part {part}",
+    )
     p.add_argument("--part", choices=PARTS, default=_default(evaluate, "part"), help="which part of the split")
     p.add_argument("--crop", type=_positive_int, default=_default(evaluate, "crop"), help="crop length in frames")
-    p.add_argument("--crops", type=_positive_int, default=_default(evaluate, "n_crops"),
-                   help="evenly spaced crops per track")
-    p.add_argument("--whole-sequence", action="store_true",
-                   help="also score each whole sequence at once (metrics_whole_sequence in metrics.json)")
-    p.add_argument("--seed", type=int, default=_default(evaluate, "seed"),
-                   help="seed of the reference split (default: the model's training seed)")
+    p.add_argument(
+        "--crops", type=_positive_int, default=_default(evaluate, "n_crops"), help="evenly spaced crops per track"
+    )
+    p.add_argument(
+        "--whole-sequence",
+        action="store_true",
+        help="also score each whole sequence at once (metrics_whole_sequence in metrics.json)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=_default(evaluate, "seed"),
+        help="seed of the reference split (default: the model's training seed)",
+    )
     p.add_argument("--out", type=Path, default=None, help="metrics file (default: beside the model)")
     p.set_defaults(func=cmd_evaluate)
 
@@ -466,7 +606,8 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
     p.description = (
         "Tag audio files or folders (walked for audio) of any length: each file is cut into 30-s "
         "windows, each window scored over evenly spaced crops, and the windows averaged. A file that cannot be "
-        "read gets an error record; the others are still tagged, and the exit code is 1.")
+        "read gets an error record; the others are still tagged, and the exit code is 1."
+    )
     p.add_argument("model", help="model.safetensors (or the run folder holding it)")
     p.add_argument("inputs", nargs="+", type=Path, metavar="FILE_OR_DIR", help="audio files or folders")
     p.add_argument("--top", type=_positive_int, default=_default(Prediction.top, "k"), help="genres to show per file")
@@ -484,19 +625,35 @@ def _add_report(p: argparse.ArgumentParser) -> None:
         "chance level and a 95%% bootstrap interval over tracks, paired bootstrap differences between runs "
         "evaluated on the same tracks, top-level genre accuracy, per-genre AP and ROC-AUC, precision-recall "
         "curves, learning curves, and (with --whole-sequence) whole-sequence vs crop averaging. Runs are evaluated "
-        "first where needed.")
+        "first where needed."
+    )
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="run folders from `genreclf train`")
     p.add_argument("--out", type=Path, required=True, help="folder for the report")
-    p.add_argument("--store", type=Path, default=_default(build_report, "store"),
-                   help="store to evaluate on (default: each run's own)")
-    _add_split(p, _default(build_report, "split"),
-               help_text="split to evaluate on (default: the one each run was trained on)",
-               hint="the report always scores the test part")
+    p.add_argument(
+        "--store",
+        type=Path,
+        default=_default(build_report, "store"),
+        help="store to evaluate on (default: each run's own)",
+    )
+    _add_split(
+        p,
+        _default(build_report, "split"),
+        help_text="split to evaluate on (default: the one each run was trained on)",
+        hint="the report always scores the test part",
+    )
     p.add_argument("--boot", type=_positive_int, default=_default(build_report, "n_boot"), help="bootstrap resamples")
-    p.add_argument("--pr-genre", action="append", default=_default(build_report, "pr_genres"), metavar="GENRE",
-                   help="genre for the precision-recall plot (repeatable; default: 3 most frequent + Hip-Hop)")
-    p.add_argument("--whole-sequence", action="store_true",
-                   help="also compare crop averaging with scoring each whole sequence at once (slower)")
+    p.add_argument(
+        "--pr-genre",
+        action="append",
+        default=_default(build_report, "pr_genres"),
+        metavar="GENRE",
+        help="genre for the precision-recall plot (repeatable; default: 3 most frequent + Hip-Hop)",
+    )
+    p.add_argument(
+        "--whole-sequence",
+        action="store_true",
+        help="also compare crop averaging with scoring each whole sequence at once (slower)",
+    )
     p.set_defaults(func=cmd_report)
 
 
@@ -505,13 +662,16 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
 
     p.description = (
         "Generate a small synthetic FMA-layout corpus, featurize it, train the GRU and the Transformer, "
-        "evaluate both on the test split, print a side-by-side table and the top-5 genres of a few files.")
+        "evaluate both on the test split, print a side-by-side table and the top-5 genres of a few files."
+    )
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for everything")
     p.add_argument("--tracks", type=_positive_int, default=_default(run_demo, "tracks"), help="tracks to generate")
-    p.add_argument("--seconds", type=_positive_float, default=_default(run_demo, "seconds"),
-                   help="clip length in seconds")
-    p.add_argument("--epochs", type=_positive_int, default=_default(run_demo, "epochs"),
-                   help="training epochs per model")
+    p.add_argument(
+        "--seconds", type=_positive_float, default=_default(run_demo, "seconds"), help="clip length in seconds"
+    )
+    p.add_argument(
+        "--epochs", type=_positive_int, default=_default(run_demo, "epochs"), help="training epochs per model"
+    )
     p.set_defaults(func=cmd_demo)
 
 

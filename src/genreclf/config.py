@@ -11,6 +11,7 @@ from genreclf.errors import GenreclfError
 
 SPLITS = ("official", "reference")  # FMA's artist-filtered set.split, or the reference study's random 80/20
 
+
 @dataclass(frozen=True)
 class FitConfig:
     """How a run is fed and stopped (the optimiser is in TrainConfig / PretrainConfig)."""
@@ -78,6 +79,4 @@ def _check_optim(cfg: TrainConfig | PretrainConfig) -> None:
     if not cfg.lr > 0 or cfg.weight_decay < 0 or cfg.min_lr < 0:
         raise GenreclfError(f"{name}: lr must be > 0, weight_decay and min_lr >= 0; got {cfg}")
     if not 0.0 < cfg.plateau_factor < 1.0 or cfg.plateau_patience < 0:
-        raise GenreclfError(
-            f"{name}: plateau_factor must be in (0, 1) and plateau_patience >= 0; got {cfg}"
-        )
+        raise GenreclfError(f"{name}: plateau_factor must be in (0, 1) and plateau_patience >= 0; got {cfg}")

@@ -15,10 +15,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from genreclf.config import SPLITS
+from genreclf.errors import GenreclfError
 from genreclf.metadata import reference_split
 from genreclf.store import FeatureStore
-from genreclf.errors import GenreclfError
-
 
 
 def split_positions(store: FeatureStore, part: str, split: str = "official", seed: int = 0) -> np.ndarray:
@@ -87,9 +86,18 @@ class CropBatchSampler(Sampler):
     epoch e (first_epoch=e) draws the crops the uninterrupted run drew.
     """
 
-    def __init__(self, valid_frames: np.ndarray, positions: np.ndarray, batch_size: int,
-                 min_frames: int, max_frames: int, seed: int = 0, rank: int | None = None,
-                 world_size: int | None = None, first_epoch: int = 0):
+    def __init__(
+        self,
+        valid_frames: np.ndarray,
+        positions: np.ndarray,
+        batch_size: int,
+        min_frames: int,
+        max_frames: int,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        first_epoch: int = 0,
+    ):
         if not 1 <= min_frames <= max_frames:
             raise GenreclfError(f"crop lengths must satisfy 1 <= min <= max, got {min_frames}..{max_frames}")
         self.valid_frames = np.asarray(valid_frames)
@@ -100,7 +108,8 @@ class CropBatchSampler(Sampler):
 
     def __len__(self) -> int:
         _, world = _rank_and_world(self.rank, self.world_size)
-        return -(-(-(-len(self.positions) // world)) // self.batch_size)
+        per_rank = -(-len(self.positions) // world)  # ceil: every rank gets as many tracks
+        return -(-per_rank // self.batch_size)
 
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
         # The sampler counts epochs itself, as DataLoader workers prefetch an epoch's first batches
@@ -155,6 +164,10 @@ class EvenCropSampler(Sampler):
 def loader(store: FeatureStore, sampler: Sampler, workers: int = 0) -> DataLoader:
     """Return a DataLoader over `store` whose batches are drawn by `sampler`."""
     return DataLoader(
-        CropDataset(store), batch_sampler=sampler, collate_fn=collate, num_workers=workers,
-        persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+        CropDataset(store),
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available(),
     )

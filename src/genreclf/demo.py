@@ -14,17 +14,16 @@ from pathlib import Path
 
 import numpy as np
 
+from genreclf.atomic import atomic_write_text
+from genreclf.config import FitConfig, TrainConfig
 from genreclf.evaluate import evaluate, fmt
-from genreclf.metrics import SUMMARY
 from genreclf.featurize import featurize
-from genreclf.config import TrainConfig
 from genreclf.metadata import audio_path
+from genreclf.metrics import SUMMARY
 from genreclf.predict import Tagger
 from genreclf.report import build_report
-from genreclf.atomic import atomic_write_text
 from genreclf.store import FeatureStore
 from genreclf.synth import make_corpus
-from genreclf.config import FitConfig
 from genreclf.train import train
 
 log = logging.getLogger(__name__)
@@ -35,8 +34,9 @@ DEMO_BATCH = 16  # half the reference's 32: twice the optimiser steps in the sam
 RUNS = (("gru", "official"), ("transformer", "official"), ("gru", "reference"))
 
 
-def run_demo(out: str | Path, tracks: int = 300, seconds: float = 10.0, epochs: int = 14, seed: int = 0,
-             progress: bool = True) -> dict:
+def run_demo(
+    out: str | Path, tracks: int = 300, seconds: float = 10.0, epochs: int = 14, seed: int = 0, progress: bool = True
+) -> dict:
     """Run synth -> featurize -> train both models -> evaluate -> predict; return the summary."""
     out = Path(out)
     t0 = time.perf_counter()
@@ -75,44 +75,65 @@ def run_demo(out: str | Path, tracks: int = 300, seconds: float = 10.0, epochs: 
     print()
     print(f"GRU vs Transformer on the synthetic corpus ({store.describe()})")
     print(table)
-    print(f"GRU trained and tested on the reference study's random 80/20 split instead, where an artist's songs "
-          f"land on both sides: ap_weighted {fmt(leaky['metrics']['ap_weighted'])} on its "
-          f"{leaky['n_tracks']} test tracks (official, artist-filtered: {fmt(results[0]['metrics']['ap_weighted'])})")
+    print(
+        f"GRU trained and tested on the reference study's random 80/20 split instead, where an artist's songs "
+        f"land on both sides: ap_weighted {fmt(leaky['metrics']['ap_weighted'])} on its "
+        f"{leaky['n_tracks']} test tracks (official, artist-filtered: {fmt(results[0]['metrics']['ap_weighted'])})"
+    )
     print()
     examples = _examples(out, corpus, store, results)
     t = time.perf_counter()
     report = build_report(run_dirs, out / "report", n_boot=1000, progress=False)
     timings["report"] = time.perf_counter() - t
-    summary = {"timings_s": timings, "total_s": time.perf_counter() - t0, "results": results,
-               "reference_split_gru": leaky, "examples": examples, "report": str(report.markdown)}
+    summary = {
+        "timings_s": timings,
+        "total_s": time.perf_counter() - t0,
+        "results": results,
+        "reference_split_gru": leaky,
+        "examples": examples,
+        "report": str(report.markdown),
+    }
     atomic_write_text(out / "demo.json", json.dumps(summary, indent=1))
     print(f"report with confidence intervals and figures: {report.markdown}")
-    print(f"everything is in {out}/: corpus/ (MP3 + FMA metadata), store/ (features), runs/ (gru, transformer, "
-          f"gru_reference_split: model.safetensors, metrics.json, logs/metrics.csv), report/, demo.json "
-          f"({summary['total_s']:.0f} s in all)")
+    print(
+        f"everything is in {out}/: corpus/ (MP3 + FMA metadata), store/ (features), runs/ (gru, transformer, "
+        f"gru_reference_split: model.safetensors, metrics.json, logs/metrics.csv), report/, demo.json "
+        f"({summary['total_s']:.0f} s in all)"
+    )
     return summary
 
 
 def _side_by_side(rows: list[tuple[str, dict]], results: list[dict]) -> str:
     lines = [f"{'':<28}{'GRU':>12}{'Transformer':>14}{'chance':>10}"]
     lines.append(f"{'parameters':<28}" + "".join(f"{i['parameters']:>{w},}" for (_, i), w in zip(rows, (12, 14))))
-    lines.append(f"{'training time (s)':<28}" + "".join(f"{i['train_seconds']:>{w}.0f}" for (_, i), w in
-                                                        zip(rows, (12, 14))))
-    lines.append(f"{'epochs (best val_loss)':<28}" + "".join(
-        f"{str(i['epochs']) + ' (' + format(i['best_val_loss'], '.3f') + ')':>{w}}" for (_, i), w in
-        zip(rows, (12, 14))))
+    lines.append(
+        f"{'training time (s)':<28}" + "".join(f"{i['train_seconds']:>{w}.0f}" for (_, i), w in zip(rows, (12, 14)))
+    )
+    lines.append(
+        f"{'epochs (best val_loss)':<28}"
+        + "".join(
+            f"{str(i['epochs']) + ' (' + format(i['best_val_loss'], '.3f') + ')':>{w}}"
+            for (_, i), w in zip(rows, (12, 14))
+        )
+    )
     for key in SUMMARY:
         chance = results[0]["metrics"]["chance_" + key]
-        lines.append(f"{key:<28}" + "".join(fmt(r["metrics"][key], w) for r, w in zip(results, (12, 14)))
-                     + fmt(chance, 10))
+        lines.append(
+            f"{key:<28}" + "".join(fmt(r["metrics"][key], w) for r, w in zip(results, (12, 14))) + fmt(chance, 10)
+        )
     accs = [r["top_level_accuracy"] for r in results]
     if all(a["accuracy"] is not None for a in accs):
-        lines.append(f"{'top-level genre accuracy':<28}" + "".join(fmt(a["accuracy"], w) for a, w in
-                                                               zip(accs, (12, 14))) + fmt(accs[0]["majority_class"], 10))
+        lines.append(
+            f"{'top-level genre accuracy':<28}"
+            + "".join(fmt(a["accuracy"], w) for a, w in zip(accs, (12, 14)))
+            + fmt(accs[0]["majority_class"], 10)
+        )
     r0 = results[0]
-    lines.append(f"test split: {r0['n_tracks']} tracks of artists unseen in training; metrics averaged over "
-                 f"{r0['crops']['count']} crops of {r0['crops']['length']} frames; chance = prior-only predictor "
-                 "(majority class for accuracy)")
+    lines.append(
+        f"test split: {r0['n_tracks']} tracks of artists unseen in training; metrics averaged over "
+        f"{r0['crops']['count']} crops of {r0['crops']['length']} frames; chance = prior-only predictor "
+        "(majority class for accuracy)"
+    )
     return "\n".join(lines)
 
 

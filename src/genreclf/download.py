@@ -124,8 +124,7 @@ def fetch(url: str, dest: str | Path, sha1: str, progress: bool = True) -> Path:
     digest = _download(url, part, progress)
     if digest != sha1:
         raise GenreclfError(
-            f"{part}: SHA-1 {digest} is not the published {sha1}, the download is corrupt; "
-            f"delete {part} and run again"
+            f"{part}: SHA-1 {digest} is not the published {sha1}, the download is corrupt; delete {part} and run again"
         )
     os.replace(part, dest)
     _remember_verified(dest, sha1)
@@ -215,10 +214,19 @@ def _content_range(value: str) -> tuple[int | None, int | None, int | None]:
 def _receive(resp, part: Path, start: int, total: int | None, digest, progress: bool) -> tuple[int, str | None]:
     """Write the body of `resp` into `part` from byte `start` on, hashing it; return (bytes in part, error)."""
     pos, error = start, None
-    with open(part, "r+b" if part.exists() else "wb") as f, tqdm(
-        total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024,
-        desc=part.name.removesuffix(".part"), disable=not progress, dynamic_ncols=True,
-    ) as bar:
+    with (
+        open(part, "r+b" if part.exists() else "wb") as f,
+        tqdm(
+            total=total,
+            initial=start,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=part.name.removesuffix(".part"),
+            disable=not progress,
+            dynamic_ncols=True,
+        ) as bar,
+    ):
         f.seek(start)
         f.truncate()  # drop whatever lies past `start` (a restart, or a longer stale part)
         try:
@@ -252,10 +260,18 @@ def _sha1_prefix(path: Path, n: int, progress: bool):
     digest = hashlib.sha1()
     if n == 0:
         return digest
-    with open(path, "rb") as f, tqdm(
-        total=n, unit="B", unit_scale=True, unit_divisor=1024, desc=f"checking {path.name}",
-        disable=not progress, dynamic_ncols=True,
-    ) as bar:
+    with (
+        open(path, "rb") as f,
+        tqdm(
+            total=n,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=f"checking {path.name}",
+            disable=not progress,
+            dynamic_ncols=True,
+        ) as bar,
+    ):
         left = n
         while left and (block := f.read(min(CHUNK * 8, left))):
             digest.update(block)
@@ -330,8 +346,16 @@ def extract(archive: str | Path, to: str | Path, workers: int | None = None, pro
         log.info("%s: all %d members already unzipped in %s", archive.name, len(infos), to)
         return tops
     log.info("%s: unzipping %d of %d members into %s", archive.name, len(todo), len(infos), to)
-    with tqdm(total=total, initial=done_bytes, unit="B", unit_scale=True, unit_divisor=1024,
-              desc=f"unzipping {archive.name}", disable=not progress, dynamic_ncols=True) as bar:
+    with tqdm(
+        total=total,
+        initial=done_bytes,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=f"unzipping {archive.name}",
+        disable=not progress,
+        dynamic_ncols=True,
+    ) as bar:
         if n_workers == 1:
             for task in tasks:
                 bar.update(_extract_members((archive, root, task)))

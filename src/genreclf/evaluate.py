@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from genreclf.atomic import atomic_savez, atomic_write_text
 from genreclf.data import split_positions
 from genreclf.errors import GenreclfError
 from genreclf.metrics import SUMMARY, tagging_metrics, top_level_accuracy
 from genreclf.modelfile import ModelFile
 from genreclf.models import ModelConfig
-from genreclf.progress import progress_bar
 from genreclf.predict import CROP_FRAMES, N_CROPS, score_features
-from genreclf.atomic import atomic_savez, atomic_write_text
+from genreclf.progress import progress_bar
 from genreclf.store import FeatureStore
 
 log = logging.getLogger(__name__)
@@ -44,14 +44,22 @@ def whole_sequence_bytes(cfg: ModelConfig, frames: int) -> int:
     return activations + attention
 
 
-def whole_sequence_batch(cfg: ModelConfig, frames: int, budget: int = WHOLE_SEQUENCE_BUDGET,
-                         cap: int = BATCH_SIZE) -> int:
+def whole_sequence_batch(
+    cfg: ModelConfig, frames: int, budget: int = WHOLE_SEQUENCE_BUDGET, cap: int = BATCH_SIZE
+) -> int:
     """Return how many whole sequences of `frames` frames to score at once within `budget` bytes (1 to cap)."""
     return int(max(1, min(cap, budget // whole_sequence_bytes(cfg, frames))))
 
 
-def predict_store(model: torch.nn.Module, store: FeatureStore, positions: np.ndarray, crop: int | None = CROP_FRAMES,
-                  n_crops: int = N_CROPS, batch_size: int = BATCH_SIZE, progress: bool = False) -> np.ndarray:
+def predict_store(
+    model: torch.nn.Module,
+    store: FeatureStore,
+    positions: np.ndarray,
+    crop: int | None = CROP_FRAMES,
+    n_crops: int = N_CROPS,
+    batch_size: int = BATCH_SIZE,
+    progress: bool = False,
+) -> np.ndarray:
     """Return probabilities (len(positions), genres) for the tracks at `positions` of `store`."""
     device = next(model.parameters()).device
     out = np.zeros((len(positions), len(store.genres)), np.float32)
@@ -74,9 +82,18 @@ def check_vocabulary(model_file: ModelFile, store: FeatureStore, model_path: Pat
         raise GenreclfError(f"model {model_path} was trained on another genre vocabulary than store {store.path}")
 
 
-def evaluate(model_path: str | Path, store_path: str | Path, split: str | None = None, part: str = "test",
-             crop: int = CROP_FRAMES, n_crops: int = N_CROPS, seed: int | None = None, out: str | Path | None = None,
-             progress: bool = True, whole_sequence: bool = False) -> dict:
+def evaluate(
+    model_path: str | Path,
+    store_path: str | Path,
+    split: str | None = None,
+    part: str = "test",
+    crop: int = CROP_FRAMES,
+    n_crops: int = N_CROPS,
+    seed: int | None = None,
+    out: str | Path | None = None,
+    progress: bool = True,
+    whole_sequence: bool = False,
+) -> dict:
     """Return (and write to `out`, with predictions.npz beside it) the metrics of a model on a split.
 
     whole_sequence=True also scores each track's whole sequence at once ("metrics_whole_sequence"),
@@ -101,12 +118,20 @@ def evaluate(model_path: str | Path, store_path: str | Path, split: str | None =
     positions = split_positions(store, part, split, seed)
     train_positions = split_positions(store, "training", split, seed)
     same = split == trained_split and (split == "official" or seed == trained_seed)
-    seen = np.intersect1d(positions, train_positions if same else _positions_or_none(store, trained_split,
-                                                                                      trained_seed))
+    seen = np.intersect1d(
+        positions, train_positions if same else _positions_or_none(store, trained_split, trained_seed)
+    )
     if len(seen):
-        log.warning("%d of the %d %s tracks were in the training split of %s (%s split, seed %d): their scores "
-                    "flatter the model; evaluate with the split it was trained on", len(seen), len(positions), part,
-                    model_path, trained_split, trained_seed)
+        log.warning(
+            "%d of the %d %s tracks were in the training split of %s (%s split, seed %d): their scores "
+            "flatter the model; evaluate with the split it was trained on",
+            len(seen),
+            len(positions),
+            part,
+            model_path,
+            trained_split,
+            trained_seed,
+        )
     y_true = store.targets[positions].astype(np.int8)
     prior = store.targets[train_positions].mean(0)  # the prior-only predictor knows the training prevalence
     scores = predict_store(model_file.model, store, positions, crop, n_crops, progress=progress)
@@ -124,8 +149,13 @@ def evaluate(model_path: str | Path, store_path: str | Path, split: str | None =
         "metrics": tagging_metrics(y_true, scores, store.genres, prior),
         "top_level_accuracy": _top_level(store, positions, scores, train_positions),
     }
-    arrays = {"track_ids": store.track_ids[positions], "y_true": y_true, "scores": scores, "prior": prior,
-              "genres": np.array(store.genres)}
+    arrays = {
+        "track_ids": store.track_ids[positions],
+        "y_true": y_true,
+        "scores": scores,
+        "prior": prior,
+        "genres": np.array(store.genres),
+    }
     if whole_sequence:
         frames = store.item(int(positions[0])).shape[0] if len(positions) else 0
         batch = whole_sequence_batch(model_file.config, max(frames, 1))
@@ -170,8 +200,7 @@ def _top_level(store: FeatureStore, positions: np.ndarray, scores: np.ndarray, t
     known = train_column[train_column >= 0]
     majority = int(np.bincount(known).argmax()) if len(known) else -1
     chance = float(np.mean(true_column[true_column >= 0] == majority)) if n else float("nan")
-    return {"accuracy": None if np.isnan(accuracy) else float(accuracy), "n_tracks": int(n),
-            "majority_class": chance}
+    return {"accuracy": None if np.isnan(accuracy) else float(accuracy), "n_tracks": int(n), "majority_class": chance}
 
 
 def fmt(value: float | None, width: int = 0) -> str:
@@ -193,6 +222,8 @@ def format_table(results: list[dict]) -> str:
         row = f"{'top-level acc':<15}" + "".join(fmt(a, width + 2) for a in accs)
         lines.append(row + fmt(results[0]["top_level_accuracy"]["majority_class"], 10))
     r0 = results[0]
-    lines.append(f"({r0['n_tracks']} {r0['part']} tracks, {r0['split']} split; mean over {r0['crops']['count']} "
-                 f"crops of {r0['crops']['length']} frames; chance = prior-only predictor / majority class)")
+    lines.append(
+        f"({r0['n_tracks']} {r0['part']} tracks, {r0['split']} split; mean over {r0['crops']['count']} "
+        f"crops of {r0['crops']['length']} frames; chance = prior-only predictor / majority class)"
+    )
     return "\n".join(lines)

@@ -20,12 +20,12 @@ import pandas as pd
 import torch
 
 from genreclf import audio, metadata
+from genreclf.atomic import atomic_write_text
 from genreclf.audio import N_FRAMES, N_MELS, N_SAMPLES, SignalConfig
 from genreclf.errors import GenreclfError, first_line
 from genreclf.mel import log_mel, log_mel_batch, pad_or_trim, valid_frames
 from genreclf.pool import pool_map
 from genreclf.progress import progress_bar
-from genreclf.atomic import atomic_write_text
 from genreclf.store import PartWriter, StoreHeader, part_name
 
 log = logging.getLogger(__name__)
@@ -105,8 +105,9 @@ def _check_device(device: str | None) -> str | None:
     try:
         torch.empty(1, device=device)
     except (RuntimeError, AssertionError, ValueError) as e:
-        raise GenreclfError(f"cannot use --device {device}: {first_line(e, None)}; "
-                            "use cpu, cuda or cuda:N for a GPU this machine has") from None
+        raise GenreclfError(
+            f"cannot use --device {device}: {first_line(e, None)}; use cpu, cuda or cuda:N for a GPU this machine has"
+        ) from None
     return device
 
 
@@ -114,8 +115,10 @@ def _check_paths(paths: list[str], audio_root: Path, sample: int = 100) -> None:
     """Refuse to start when none of the first `sample` planned audio files exists: a wrong --audio or --data."""
     head = paths[:sample]
     if head and not any(Path(path).is_file() for path in head):
-        raise GenreclfError(f"none of the first {len(head)} audio files exists under {audio_root} "
-                            f"(e.g. {head[0]}); check --data / --audio")
+        raise GenreclfError(
+            f"none of the first {len(head)} audio files exists under {audio_root} "
+            f"(e.g. {head[0]}); check --data / --audio"
+        )
 
 
 def _has_features(part_dir: Path) -> bool:
@@ -139,8 +142,7 @@ def find_audio_dir(data_dir: Path) -> Path:
         if (data_dir / name).is_dir():
             return data_dir / name
     raise GenreclfError(
-        f"{data_dir}: no audio folder ({', '.join(AUDIO_FOLDERS)}); unzip FMA's audio archive there "
-        "or pass --audio DIR"
+        f"{data_dir}: no audio folder ({', '.join(AUDIO_FOLDERS)}); unzip FMA's audio archive there or pass --audio DIR"
     )
 
 
@@ -242,8 +244,16 @@ def featurize(
     pending = writer.pending_rows()
     jobs = [(int(r), plan.at[int(r), "path"], min_seconds, device is not None) for r in pending]
     n_workers = max(1, min(workers or default_workers(), len(jobs) or 1))
-    log.info("featurizing %d of %d tracks (shard %d of %d) into %s with %d worker(s)%s", len(jobs), len(plan),
-             k, n_shards, part_dir, n_workers, f", log-mel batched on {device}" if device else "")
+    log.info(
+        "featurizing %d of %d tracks (shard %d of %d) into %s with %d worker(s)%s",
+        len(jobs),
+        len(plan),
+        k,
+        n_shards,
+        part_dir,
+        n_workers,
+        f", log-mel batched on {device}" if device else "",
+    )
     bar = progress_bar(len(plan), len(plan) - len(jobs), "featurize", "clip", progress)
     try:
         _run(jobs, writer, bar, n_workers, device, clip_timeout)
@@ -256,10 +266,17 @@ def featurize(
         bar.close()
     counts = writer.finish()
     complete = all((out / part_name(i, n_shards) / "part.json").exists() for i in range(n_shards))
-    result = FeaturizeResult(out, counts["tracks"], counts["done"], counts["failed"], counts["silent"],
-                             time.perf_counter() - t0, complete)
-    log.info("%s: %d tracks featurized, %d failed (%d of them silent; see failed.csv), %.1f s", out, result.done,
-             result.failed, result.silent, result.seconds)
+    result = FeaturizeResult(
+        out, counts["tracks"], counts["done"], counts["failed"], counts["silent"], time.perf_counter() - t0, complete
+    )
+    log.info(
+        "%s: %d tracks featurized, %d failed (%d of them silent; see failed.csv), %.1f s",
+        out,
+        result.done,
+        result.failed,
+        result.silent,
+        result.seconds,
+    )
     return result
 
 
@@ -278,8 +295,15 @@ def _write_header(out: Path, header: StoreHeader) -> None:
     atomic_write_text(path, header.to_json())
 
 
-def _run(jobs: list[tuple[int, str, float, bool]], writer: PartWriter, bar, n_workers: int,
-         device: str | None, clip_timeout: float, batch_size: int = 32) -> None:
+def _run(
+    jobs: list[tuple[int, str, float, bool]],
+    writer: PartWriter,
+    bar,
+    n_workers: int,
+    device: str | None,
+    clip_timeout: float,
+    batch_size: int = 32,
+) -> None:
     last_flush = time.monotonic()
     waves: list[tuple[int, np.ndarray, int]] = []  # decoded clips waiting for batched log-mel
 

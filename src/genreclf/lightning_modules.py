@@ -35,9 +35,7 @@ def weighted_bce(logits: Tensor, targets: Tensor, pos_weight: float) -> Tensor:
 
     The reference's loss: K.sum(-(4 y log p + (1 - y) log(1 - p)), axis=-1), averaged over the batch.
     """
-    pw = torch.full(
-        (logits.shape[-1],), float(pos_weight), dtype=logits.dtype, device=logits.device
-    )
+    pw = torch.full((logits.shape[-1],), float(pos_weight), dtype=logits.dtype, device=logits.device)
     per_pair = F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype), pos_weight=pw, reduction="none")
     return per_pair.sum(-1).mean()
 
@@ -69,9 +67,7 @@ def span_mask(
     return mask[:, :frames]
 
 
-def _adam_with_plateau(
-    module: L.LightningModule, cfg: TrainConfig | PretrainConfig
-) -> dict[str, Any]:
+def _adam_with_plateau(module: L.LightningModule, cfg: TrainConfig | PretrainConfig) -> dict[str, Any]:
     """Return Lightning's optimiser dict: Adam + ReduceLROnPlateau on val_loss."""
     opt = torch.optim.Adam(
         module.parameters(),
@@ -125,9 +121,7 @@ def _as_dataclass(cls: type, cfg: Any) -> Any:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(cfg) - known)
         if unknown:
-            raise GenreclfError(
-                f"unknown key(s) {unknown} in {cls.__name__}; known keys: {sorted(known)}"
-            )
+            raise GenreclfError(f"unknown key(s) {unknown} in {cls.__name__}; known keys: {sorted(known)}")
         return cls(**cfg)
     raise TypeError(f"expected {cls.__name__} or dict, got {type(cfg).__name__}")
 
@@ -195,8 +189,7 @@ class PretrainModule(L.LightningModule):
         self.model_config = _as_model_config(model_config)
         if not isinstance(self.model_config, TransformerConfig):
             raise GenreclfError(
-                "masked-frame pretraining needs a transformer model config, "
-                f"got kind {self.model_config.kind!r}"
+                f"masked-frame pretraining needs a transformer model config, got kind {self.model_config.kind!r}"
             )
         self.pretrain_config: PretrainConfig = _as_dataclass(PretrainConfig, pretrain_config)
         self.save_hyperparameters(
@@ -213,9 +206,7 @@ class PretrainModule(L.LightningModule):
         self.recon = FrameReconstructionHead(n_mels)
         init_keras_style(self)
 
-    def masked_loss(
-        self, x: Tensor, lengths: Tensor | None, generator: torch.Generator | None = None
-    ) -> Tensor:
+    def masked_loss(self, x: Tensor, lengths: Tensor | None, generator: torch.Generator | None = None) -> Tensor:
         """Return the mean absolute error (the reference's pretraining loss) over masked real frames."""
         b, t, _ = x.shape
         if lengths is None:

@@ -150,14 +150,14 @@ def _genre_ints(table: pd.DataFrame, column: str, path: Path) -> np.ndarray:
     """Parse a genres.csv column of integers ("2" or "2.0"); blank or fractional cells are an error."""
     numbers, row = _parse_ints(table[column].to_numpy())
     if row is not None:
-        raise GenreclfError(f"{path}: line {row + 2} has {column} {str(table[column].iloc[row])!r}, expected an "
-                            "integer; is this FMA's genres.csv?")
+        raise GenreclfError(
+            f"{path}: line {row + 2} has {column} {str(table[column].iloc[row])!r}, expected an "
+            "integer; is this FMA's genres.csv?"
+        )
     return numbers
 
 
-def load_fma(
-    metadata_dir: str | Path, labels: str = "genres", subset: str | None = None
-) -> Labels:
+def load_fma(metadata_dir: str | Path, labels: str = "genres", subset: str | None = None) -> Labels:
     """Return the Labels of FMA's tracks.csv and genres.csv in metadata_dir (or of that tracks.csv file).
 
     labels: "genres" (the tags given to a track, the reference recipe) or "genres_all"
@@ -187,8 +187,10 @@ def load_fma(
     track_ids = _int_column(table.index.to_numpy(), tracks_csv, "track_id", table.index.to_numpy())
     unique, counts = np.unique(track_ids, return_counts=True)
     if (counts > 1).any():
-        raise GenreclfError(f"{tracks_csv}: track {unique[np.argmax(counts > 1)]} is listed "
-                            f"{counts.max()} times; each track must appear once (is the file concatenated?)")
+        raise GenreclfError(
+            f"{tracks_csv}: track {unique[np.argmax(counts > 1)]} is listed "
+            f"{counts.max()} times; each track must appear once (is the file concatenated?)"
+        )
     split = table[("set", "split")].to_numpy(dtype=str)
     subsets = table[("set", "subset")].to_numpy(dtype=str)
     for column, values, allowed in (("split", split, PARTS), ("subset", subsets, SUBSETS)):
@@ -238,8 +240,16 @@ def _read_tracks(path: Path) -> pd.DataFrame:
     usecols = [0] + sorted(columns.index(c) + 1 for c in _NEEDED)  # pandas keeps file order
     try:
         table = pd.read_csv(
-            path, header=None, skiprows=3, usecols=usecols, index_col=0, dtype=str,
-            keep_default_na=False, na_filter=False, encoding="utf-8", engine="c",
+            path,
+            header=None,
+            skiprows=3,
+            usecols=usecols,
+            index_col=0,
+            dtype=str,
+            keep_default_na=False,
+            na_filter=False,
+            encoding="utf-8",
+            engine="c",
         )
     except pd.errors.EmptyDataError:  # a ValueError too, so caught first
         raise GenreclfError(f"{path} has a header but no tracks: {_expected('tracks.csv')}") from None
@@ -277,9 +287,7 @@ def _parse_ints(values: np.ndarray, missing: int | None = None) -> tuple[np.ndar
     return numbers.astype(np.int64), None
 
 
-def _multi_hot(
-    column: pd.Series, track_ids: np.ndarray, vocabulary: Genres, path: Path, labels: str
-) -> np.ndarray:
+def _multi_hot(column: pd.Series, track_ids: np.ndarray, vocabulary: Genres, path: Path, labels: str) -> np.ndarray:
     """Turn list literals such as "[76, 103]" into a uint8 multi-hot matrix."""
     texts = column.to_numpy(dtype=str)  # an empty cell is an error too: FMA writes "[]"
     ok = pd.Series(texts, dtype=str).str.fullmatch(_GENRE_LIST).to_numpy(dtype=bool)

@@ -25,15 +25,17 @@ Metric = Callable[[np.ndarray, np.ndarray], float]
 
 SUMMARY = ("ap_weighted", "ap_micro", "ap_macro", "roc_auc_macro")
 DESCRIPTIONS = {
-    "ap_weighted": "per-genre AP weighted by positives (the reference's \"micro-average\")",
+    "ap_weighted": 'per-genre AP weighted by positives (the reference\'s "micro-average")',
     "ap_micro": "micro-averaged AP over all (track, genre) pairs",
     "ap_macro": "mean AP over the genres with a positive in the test set",
     "roc_auc_macro": "mean ROC-AUC over the genres with a positive and a negative in the test set",
 }
 
-MACRO_GENRE_SET = ("ap_macro averages the n_genres_ap genres with a positive in the full test set, roc_auc_macro "
-                   "the n_genres_roc_auc with a positive and a negative; every bootstrap resample averages the same "
-                   "genres, a genre without positives (or negatives) in a resample keeping its full-set value")
+MACRO_GENRE_SET = (
+    "ap_macro averages the n_genres_ap genres with a positive in the full test set, roc_auc_macro "
+    "the n_genres_roc_auc with a positive and a negative; every bootstrap resample averages the same "
+    "genres, a genre without positives (or negatives) in a resample keeping its full-set value"
+)
 
 
 def _check(y_true: np.ndarray, y_score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -268,8 +270,13 @@ def tagging_metrics(
     }
     names = genres if genres is not None else [str(g) for g in range(n_genres)]
     out["per_genre"] = [
-        {"genre": names[g], "support": int(support[g]), "prevalence": _json(pg["prevalence"][g]),
-         "ap": _json(ap[g]), "roc_auc": _json(auc[g])}
+        {
+            "genre": names[g],
+            "support": int(support[g]),
+            "prevalence": _json(pg["prevalence"][g]),
+            "ap": _json(ap[g]),
+            "roc_auc": _json(auc[g]),
+        }
         for g in range(n_genres)
     ]
     return {k: _json(v) if isinstance(v, float) else v for k, v in out.items()}
@@ -343,9 +350,11 @@ def _boot_stats(
         def on(w: np.ndarray) -> list[float]:
             return [f(w) for f in weighted]
     else:
+
         def on(w: np.ndarray) -> list[float]:
             idx = np.repeat(np.arange(n), w)
             return [fn(y[idx], s[idx]) for y, s, _ in checked]
+
     rng = np.random.default_rng(seed)
     stats = np.array([on(np.bincount(rng.integers(0, n, n), minlength=n)) for _ in range(n_boot)])
     groups = np.array_split(np.random.default_rng(seed + 1).permutation(n), min(n, JACKKNIFE_GROUPS))
@@ -447,9 +456,7 @@ def genre_columns(genre_ids: np.ndarray, track_genre_ids: np.ndarray) -> np.ndar
     return np.array([lookup[int(t)] if t >= 1 else -1 for t in track_genre_ids], dtype=np.int64)
 
 
-def top_level_accuracy(
-    y_score: np.ndarray, is_top_level: np.ndarray, true_column: np.ndarray
-) -> tuple[float, int]:
+def top_level_accuracy(y_score: np.ndarray, is_top_level: np.ndarray, true_column: np.ndarray) -> tuple[float, int]:
     """Return (accuracy, n tracks) of the argmax over top-level genre columns against genre_top.
 
     FMA's single-label view: is_top_level (G,) marks the 16 root genres (genre id ==
@@ -462,8 +469,7 @@ def top_level_accuracy(
     true_column = np.asarray(true_column, dtype=np.int64)
     if y_score.ndim != 2 or is_top_level.shape != (y_score.shape[1],) or true_column.shape != (len(y_score),):
         raise GenreclfError(
-            f"scores {y_score.shape}, top-level mask {is_top_level.shape} and targets "
-            f"{true_column.shape} do not match"
+            f"scores {y_score.shape}, top-level mask {is_top_level.shape} and targets {true_column.shape} do not match"
         )
     top_cols = np.flatnonzero(is_top_level)
     has = true_column >= 0

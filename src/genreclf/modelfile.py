@@ -60,7 +60,7 @@ class ModelFile:
         return save_tensors(path, self.model.state_dict(), meta)
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "ModelFile":
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> ModelFile:
         """Read a model file written by `save`, checking its format and audio settings."""
         from safetensors import SafetensorError, safe_open
 
@@ -70,7 +70,7 @@ class ModelFile:
         try:
             with safe_open(str(path), framework="pt", device=str(device)) as f:
                 meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
         except (SafetensorError, OSError, ValueError) as e:
             raise GenreclfError(
                 f"{path}: not a safetensors model file ({first_line(e, 80)}); "
@@ -85,12 +85,16 @@ class ModelFile:
             config = config_from_dict(json.loads(meta["config"]))
             genres, genre_ids = json.loads(meta["genres"]), json.loads(meta["genre_ids"])
         except (KeyError, TypeError, ValueError) as e:
-            raise GenreclfError(f"{path}: damaged genreclf model metadata ({type(e).__name__}: {first_line(e, 80)}); "
-                                "use a model.safetensors written by `genreclf train`") from None
+            raise GenreclfError(
+                f"{path}: damaged genreclf model metadata ({type(e).__name__}: {first_line(e, 80)}); "
+                "use a model.safetensors written by `genreclf train`"
+            ) from None
         SignalConfig().check_same(signal, f"model {path}")
         if not len(genres) == len(genre_ids) == config.n_genres:
-            raise GenreclfError(f"{path}: {len(genres)} genre names and {len(genre_ids)} ids for a model of "
-                                f"{config.n_genres} genres; the file is damaged, use one written by `genreclf train`")
+            raise GenreclfError(
+                f"{path}: {len(genres)} genre names and {len(genre_ids)} ids for a model of "
+                f"{config.n_genres} genres; the file is damaged, use one written by `genreclf train`"
+            )
         model = model_from_config(config)
         try:
             model.load_state_dict(tensors, strict=True)

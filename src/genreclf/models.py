@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -66,14 +66,12 @@ class TransformerConfig:
         _check_rate(self, "dropout")
         _check_rate(self, "pool_dropout")
         if self.n_mels % self.n_heads:
-            raise GenreclfError(
-                f"TransformerConfig: n_heads={self.n_heads} must divide n_mels={self.n_mels}"
-            )
+            raise GenreclfError(f"TransformerConfig: n_heads={self.n_heads} must divide n_mels={self.n_mels}")
         if not self.ln_eps > 0:
             raise GenreclfError(f"TransformerConfig: ln_eps must be > 0, got {self.ln_eps}")
 
 
-ModelConfig = Union[GRUConfig, TransformerConfig]
+ModelConfig = GRUConfig | TransformerConfig
 CONFIG_KINDS: dict[str, type] = {c.kind: c for c in (GRUConfig, TransformerConfig)}
 
 
@@ -145,10 +143,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: Tensor, key_mask: Tensor | None) -> Tensor:
         """Return (batch, frames, dim); key_mask (batch, frames) is True on real frames."""
         b, t, d = x.shape
-        q, k, v = (
-            z.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2)
-            for z in self.qkv(x).split(d, dim=2)
-        )
+        q, k, v = (z.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2) for z in self.qkv(x).split(d, dim=2))
         attn_mask = None if key_mask is None else key_mask[:, None, None, :]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
@@ -293,11 +288,9 @@ class TransformerTagger(nn.Module):
         if stray:
             raise GenreclfError(f"not encoder weights (unexpected keys {stray[:3]}...)")
         try:
-            self.encoder.load_state_dict({k[len(prefix):]: v for k, v in state.items()})
+            self.encoder.load_state_dict({k[len(prefix) :]: v for k, v in state.items()})
         except RuntimeError as e:
-            raise GenreclfError(
-                f"pretrained encoder weights do not fit this TransformerConfig: {e}"
-            ) from None
+            raise GenreclfError(f"pretrained encoder weights do not fit this TransformerConfig: {e}") from None
 
 
 def init_keras_style(model: nn.Module) -> None:
@@ -347,16 +340,12 @@ def config_from_dict(d: dict[str, Any]) -> ModelConfig:
         raise GenreclfError(f"model config must be a dict, got {type(d).__name__}")
     kind = d.get("kind")
     if kind not in CONFIG_KINDS:
-        raise GenreclfError(
-            f"unknown model kind {kind!r}; expected one of {sorted(CONFIG_KINDS)}"
-        )
+        raise GenreclfError(f"unknown model kind {kind!r}; expected one of {sorted(CONFIG_KINDS)}")
     cls = CONFIG_KINDS[kind]
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - set(fields) - {"kind"})
     if unknown:
-        raise GenreclfError(
-            f"unknown key(s) {unknown} in {kind} model config; known keys: {sorted(fields)}"
-        )
+        raise GenreclfError(f"unknown key(s) {unknown} in {kind} model config; known keys: {sorted(fields)}")
     for name, value in d.items():
         if name == "kind":
             continue

@@ -9,6 +9,7 @@ than `timeout` seconds on one job (a decoder that hangs) is killed and that job 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import time
@@ -73,11 +74,10 @@ class _Pool:
         self.workers[self.workers.index(worker)] = self._start()
 
     def close(self) -> None:
+        """Ask every worker to stop; kill those that have not within 5 s."""
         for worker in self.workers:
-            try:
+            with contextlib.suppress(OSError):  # a dead worker's pipe is already closed
                 worker.conn.send(None)
-            except OSError:
-                pass
         deadline = time.monotonic() + 5
         for worker in self.workers:
             worker.process.join(max(0.0, deadline - time.monotonic()))
@@ -141,19 +141,26 @@ def pool_map(
                         if deaths_before_any >= 3:
                             raise GenreclfError(
                                 f"worker processes died {deaths_before_any} times before finishing a single file; "
-                                "called from a script? put the call under `if __name__ == \"__main__\":` "
-                                "(or check memory and the first files)")
+                                'called from a script? put the call under `if __name__ == "__main__":` '
+                                "(or check memory and the first files)"
+                            )
                         queue.extend(worker.jobs)  # tried again later, blamed only once something has worked
                         worker.jobs.clear()
                     else:
-                        _lose_current(worker, queue, record, failed,
-                                      "the decoder crashed (its process died); the file is probably corrupt")
+                        _lose_current(
+                            worker,
+                            queue,
+                            record,
+                            failed,
+                            "the decoder crashed (its process died); the file is probably corrupt",
+                        )
                     pool.replace(worker)
             now = time.monotonic()
             for worker in list(pool.workers):
                 if worker.ready and worker.jobs and now - worker.since > timeout:
-                    _lose_current(worker, queue, record, failed,
-                                  f"the decoder timed out (no result after {timeout:g} s)")
+                    _lose_current(
+                        worker, queue, record, failed, f"the decoder timed out (no result after {timeout:g} s)"
+                    )
                     pool.replace(worker)
     finally:
         pool.close()

@@ -71,8 +71,13 @@ class Prediction:
 class Tagger:
     """A trained genre tagger: `Tagger.load(path).predict(file_or_waveform)`."""
 
-    def __init__(self, model_file: ModelFile, device: str | torch.device = "cpu",
-                 crop: int | None = CROP_FRAMES, n_crops: int = N_CROPS):
+    def __init__(
+        self,
+        model_file: ModelFile,
+        device: str | torch.device = "cpu",
+        crop: int | None = CROP_FRAMES,
+        n_crops: int = N_CROPS,
+    ):
         self.file = model_file
         self.model = model_file.model.to(device).eval()
         self.genres = model_file.genres
@@ -80,7 +85,7 @@ class Tagger:
         self.crop, self.n_crops = crop, n_crops
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device | None = None, **options) -> "Tagger":
+    def load(cls, path: str | Path, device: str | torch.device | None = None, **options) -> Tagger:
         """Load the model file at `path` (a model.safetensors, or a run folder holding one)."""
         path = Path(path)
         if path.is_dir():

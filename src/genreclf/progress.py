@@ -40,16 +40,27 @@ class LineProgress:
         elapsed = self.last - self.t0
         rate = (self.n - self.start_n) / elapsed if elapsed > 0 else 0.0
         left = (self.total - self.n) / rate if rate > 0 else float("nan")
-        log.info("%s: %d/%d %s (%.0f%%), %.1f %s/s, %s elapsed, ETA %s", self.desc, self.n, self.total, self.unit,
-                 100.0 * self.n / max(1, self.total), rate, self.unit, hms(elapsed), hms(left))
+        log.info(
+            "%s: %d/%d %s (%.0f%%), %.1f %s/s, %s elapsed, ETA %s",
+            self.desc,
+            self.n,
+            self.total,
+            self.unit,
+            100.0 * self.n / max(1, self.total),
+            rate,
+            self.unit,
+            hms(elapsed),
+            hms(left),
+        )
 
 
 def progress_bar(total: int, initial: int = 0, desc: str = "", unit: str = "it", enabled: bool = True):
     """Return a tqdm bar on a terminal, a LineProgress when stderr is a file, a silent one when disabled."""
     if enabled and not sys.stderr.isatty():
         return LineProgress(total, initial, desc, unit)
-    return tqdm(total=total, initial=initial, unit=unit, desc=desc, disable=not enabled, dynamic_ncols=True,
-                smoothing=0.05)
+    return tqdm(
+        total=total, initial=initial, unit=unit, desc=desc, disable=not enabled, dynamic_ncols=True, smoothing=0.05
+    )
 
 
 def hms(seconds: float) -> str:

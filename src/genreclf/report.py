@@ -32,18 +32,24 @@ import numpy as np
 import pandas as pd
 
 from genreclf import __version__
+from genreclf.atomic import atomic_write_text
 from genreclf.config import SPLITS
 from genreclf.data import split_positions
 from genreclf.errors import GenreclfError, first_line
 from genreclf.evaluate import evaluate
-from genreclf.metrics import (MACRO_GENRE_SET, SUMMARY, bootstrap_ci, paired_bootstrap_diff, per_genre_metrics,
-                              tagging_metrics)
+from genreclf.metrics import (
+    MACRO_GENRE_SET,
+    SUMMARY,
+    bootstrap_ci,
+    paired_bootstrap_diff,
+    per_genre_metrics,
+    tagging_metrics,
+)
 from genreclf.modelfile import ModelFile
+from genreclf.provenance import git_revision
 from genreclf.report_figures import learning_curves_figure, metrics_figure, per_genre_figure, pr_figure
 from genreclf.report_markdown import render
-from genreclf.atomic import atomic_write_text
 from genreclf.store import FeatureStore
-from genreclf.provenance import git_revision
 
 log = logging.getLogger(__name__)
 
@@ -119,12 +125,15 @@ def read_predictions(path: Path) -> dict[str, np.ndarray]:
                 raise GenreclfError(f"{path}: from an older genreclf (no {', '.join(missing)}); re-evaluate the run")
             return {k: npz[k] for k in npz.files}
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
-        raise GenreclfError(f"{path}: unreadable ({first_line(e)}); re-evaluate the run "
-                            "(`genreclf evaluate`, or give --store to the report)") from None
+        raise GenreclfError(
+            f"{path}: unreadable ({first_line(e)}); re-evaluate the run "
+            "(`genreclf evaluate`, or give --store to the report)"
+        ) from None
 
 
-def _stale_reason(run_dir: Path, store: FeatureStore | None, split: str, seed: int,
-                  whole_sequence: bool = False) -> str | None:
+def _stale_reason(
+    run_dir: Path, store: FeatureStore | None, split: str, seed: int, whole_sequence: bool = False
+) -> str | None:
     """Why RUN/metrics.json + predictions.npz cannot be used for `split` of `store` (None: usable)."""
     metrics, preds = run_dir / "metrics.json", run_dir / "predictions.npz"
     if not metrics.is_file() or not preds.is_file():
@@ -151,8 +160,14 @@ def _stale_reason(run_dir: Path, store: FeatureStore | None, split: str, seed: i
     return None
 
 
-def load_run(run_dir: Path, store: Path | None = None, split: str | None = None, progress: bool = True,
-             stores: dict[Path, FeatureStore] | None = None, whole_sequence: bool = False) -> Run:
+def load_run(
+    run_dir: Path,
+    store: Path | None = None,
+    split: str | None = None,
+    progress: bool = True,
+    stores: dict[Path, FeatureStore] | None = None,
+    whole_sequence: bool = False,
+) -> Run:
     """Return a run with its test-set evaluation, evaluating it first if needed.
 
     store and split default to those the run was trained on (its model file's provenance);
@@ -178,17 +193,33 @@ def load_run(run_dir: Path, store: Path | None = None, split: str | None = None,
     reason = _stale_reason(run_dir, store_obj, split, seed, whole_sequence)
     if reason is not None:
         if store_obj is None:
-            raise GenreclfError(f"{run_dir}: {reason}, and its feature store {store_path} is not there; "
-                                "give the store with --store")
+            raise GenreclfError(
+                f"{run_dir}: {reason}, and its feature store {store_path} is not there; give the store with --store"
+            )
         log.info("evaluating %s on the %s split (%s)", run_dir, split, reason)
-        evaluate(model_path, store_path, split=split, part=PART, seed=seed, out=run_dir / "metrics.json",
-                 progress=progress, whole_sequence=whole_sequence)
+        evaluate(
+            model_path,
+            store_path,
+            split=split,
+            part=PART,
+            seed=seed,
+            out=run_dir / "metrics.json",
+            progress=progress,
+            whole_sequence=whole_sequence,
+        )
     elif store_obj is None:
         log.warning("%s: store %s is not there; using its metrics.json without checking it", run_dir, store_path)
     preds = read_predictions(run_dir / "predictions.npz")
     preds["genres"] = [str(g) for g in preds["genres"]]
-    return Run(run_dir.name, run_dir, prov, json.loads((run_dir / "metrics.json").read_text()), preds,
-               learning_curve(run_dir / "logs" / "metrics.csv"), store_obj is not None)
+    return Run(
+        run_dir.name,
+        run_dir,
+        prov,
+        json.loads((run_dir / "metrics.json").read_text()),
+        preds,
+        learning_curve(run_dir / "logs" / "metrics.csv"),
+        store_obj is not None,
+    )
 
 
 def _unique_names(runs: list[Run]) -> None:
@@ -209,8 +240,10 @@ def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
         groups.setdefault(r.split, []).append(r)
     for r in runs[1:]:
         if r.predictions["genres"] != runs[0].predictions["genres"]:
-            raise GenreclfError(f"runs {runs[0].name} and {r.name} use different genre vocabularies; "
-                                "report on models trained on the same store")
+            raise GenreclfError(
+                f"runs {runs[0].name} and {r.name} use different genre vocabularies; "
+                "report on models trained on the same store"
+            )
     for split, members in groups.items():
         q = members[0].predictions
         for r in members[1:]:
@@ -219,7 +252,8 @@ def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
                 raise GenreclfError(
                     f"runs {members[0].name} and {r.name} were evaluated on different tracks or labels of the "
                     f"{split} split (another store or split seed); give --store (and --split) so that all runs "
-                    "are evaluated on the same tracks, or report on them separately")
+                    "are evaluated on the same tracks, or report on them separately"
+                )
     return groups
 
 
@@ -236,34 +270,62 @@ def run_summary(run: Run, n_boot: int) -> dict:
     log.info("bootstrap intervals for %s", run.name)
     p, ev = run.predictions, run.evaluation
     crops = tagging_metrics(p["y_true"], p["scores"], p["genres"], p["prior"])
-    metrics = {m: {**_ci(p["y_true"], p["scores"], m, n_boot), "chance": crops[f"chance_{m}"],
-                   "random": crops.get(f"random_{m}")} for m in SUMMARY}
+    metrics = {
+        m: {
+            **_ci(p["y_true"], p["scores"], m, n_boot),
+            "chance": crops[f"chance_{m}"],
+            "random": crops.get(f"random_{m}"),
+        }
+        for m in SUMMARY
+    }
     prov = run.provenance
     return {
-        "name": run.name, "run_dir": str(run.run_dir), "model_kind": ev.get("model_kind"),
-        "parameters": prov.get("parameters"), "epochs": prov.get("epochs"), "best_val_loss": prov.get("best_val_loss"),
-        "trained_split": prov.get("split"), "evaluated_split": run.split, "part": PART,
-        "n_tracks": len(p["track_ids"]), "n_failed_in_store": ev.get("n_failed_in_store"),
-        "store": prov.get("store"), "store_description": ev.get("store"), "labels": prov.get("labels"),
-        "subset": prov.get("subset"), "git": prov.get("git"), "trained": prov.get("date"),
-        "train_tracks": prov.get("train_tracks"), "checked_against_store": run.checked,
-        "metrics": metrics, "top_level": ev.get("top_level_accuracy"),
-        "macro_genres": {"ap_macro": crops["n_genres_ap"], "roc_auc_macro": crops["n_genres_roc_auc"],
-                         "of": crops["n_genres"], "rule": MACRO_GENRE_SET},
+        "name": run.name,
+        "run_dir": str(run.run_dir),
+        "model_kind": ev.get("model_kind"),
+        "parameters": prov.get("parameters"),
+        "epochs": prov.get("epochs"),
+        "best_val_loss": prov.get("best_val_loss"),
+        "trained_split": prov.get("split"),
+        "evaluated_split": run.split,
+        "part": PART,
+        "n_tracks": len(p["track_ids"]),
+        "n_failed_in_store": ev.get("n_failed_in_store"),
+        "store": prov.get("store"),
+        "store_description": ev.get("store"),
+        "labels": prov.get("labels"),
+        "subset": prov.get("subset"),
+        "git": prov.get("git"),
+        "trained": prov.get("date"),
+        "train_tracks": prov.get("train_tracks"),
+        "checked_against_store": run.checked,
+        "metrics": metrics,
+        "top_level": ev.get("top_level_accuracy"),
+        "macro_genres": {
+            "ap_macro": crops["n_genres_ap"],
+            "roc_auc_macro": crops["n_genres_roc_auc"],
+            "of": crops["n_genres"],
+            "rule": MACRO_GENRE_SET,
+        },
         "crop_averaging": _crop_averaging(run, crops, n_boot),
     }
 
 
 def _crop_averaging(run: Run, crops: dict, n_boot: int) -> dict:
-    """Return crop-mean vs whole-sequence metrics and their paired ap_weighted difference (whole: None if unmeasured)."""
+    """Return crop-mean vs whole-sequence metrics and their paired ap_weighted difference (None if unmeasured)."""
     p = run.predictions
-    out = {"crops": run.evaluation.get("crops"), "crops_mean": {m: crops[m] for m in SUMMARY}, "whole": None,
-           "ap_weighted_diff": None}
+    out = {
+        "crops": run.evaluation.get("crops"),
+        "crops_mean": {m: crops[m] for m in SUMMARY},
+        "whole": None,
+        "ap_weighted_diff": None,
+    }
     if WHOLE_KEY in p:
         whole = tagging_metrics(p["y_true"], p[WHOLE_KEY], p["genres"], p["prior"])
         out["whole"] = {m: whole[m] for m in SUMMARY}
-        out["ap_weighted_diff"] = paired_bootstrap_diff(p["y_true"], p["scores"], p[WHOLE_KEY], "ap_weighted",
-                                                        n_boot=n_boot, seed=BOOT_SEED, alpha=ALPHA)
+        out["ap_weighted_diff"] = paired_bootstrap_diff(
+            p["y_true"], p["scores"], p[WHOLE_KEY], "ap_weighted", n_boot=n_boot, seed=BOOT_SEED, alpha=ALPHA
+        )
     return out
 
 
@@ -273,12 +335,24 @@ def compare(group: list[Run], n_boot: int) -> list[dict]:
     out = []
     for r in group[1:]:
         for m in SUMMARY:
-            d = paired_bootstrap_diff(base["y_true"], r.predictions["scores"], base["scores"], m, n_boot=n_boot,
-                                      seed=BOOT_SEED, alpha=ALPHA)
-            out.append({"metric": m, "run": r.name, "baseline": group[0].name, "value_run": d["a"],
-                        "value_baseline": d["b"], "diff": d["diff"], "low": d["low"], "high": d["high"],
-                        "frac_run_better": d["frac_a_better"], "n_boot": d["n_boot"],
-                        "excludes_zero": bool(d["low"] > 0 or d["high"] < 0)})
+            d = paired_bootstrap_diff(
+                base["y_true"], r.predictions["scores"], base["scores"], m, n_boot=n_boot, seed=BOOT_SEED, alpha=ALPHA
+            )
+            out.append(
+                {
+                    "metric": m,
+                    "run": r.name,
+                    "baseline": group[0].name,
+                    "value_run": d["a"],
+                    "value_baseline": d["b"],
+                    "diff": d["diff"],
+                    "low": d["low"],
+                    "high": d["high"],
+                    "frac_run_better": d["frac_a_better"],
+                    "n_boot": d["n_boot"],
+                    "excludes_zero": bool(d["low"] > 0 or d["high"] < 0),
+                }
+            )
     return out
 
 
@@ -288,9 +362,16 @@ def per_genre_table(group: list[Run]) -> list[dict]:
     per = [per_genre_metrics(p0["y_true"], r.predictions["scores"]) for r in group]
     support = per[0]["support"]
     order = [int(g) for g in np.argsort(-support, kind="stable") if support[g] > 0]
-    return [{"genre": p0["genres"][g], "support": int(support[g]), "prevalence": float(per[0]["prevalence"][g]),
-             "ap": {r.name: float(m["ap"][g]) for r, m in zip(group, per)},
-             "roc_auc": {r.name: float(m["roc_auc"][g]) for r, m in zip(group, per)}} for g in order]
+    return [
+        {
+            "genre": p0["genres"][g],
+            "support": int(support[g]),
+            "prevalence": float(per[0]["prevalence"][g]),
+            "ap": {r.name: float(m["ap"][g]) for r, m in zip(group, per)},
+            "roc_auc": {r.name: float(m["roc_auc"][g]) for r, m in zip(group, per)},
+        }
+        for g in order
+    ]
 
 
 def choose_pr_genres(rows: list[dict], wanted: list[str] | None, genres: list[str]) -> list[str]:
@@ -299,8 +380,10 @@ def choose_pr_genres(rows: list[dict], wanted: list[str] | None, genres: list[st
     if wanted:
         unknown = [g for g in wanted if g not in genres]
         if unknown:
-            raise GenreclfError(f"unknown genre(s) {', '.join(unknown)}; use names from the store's genres, "
-                                f"e.g. {', '.join(present[:5])}")
+            raise GenreclfError(
+                f"unknown genre(s) {', '.join(unknown)}; use names from the store's genres, "
+                f"e.g. {', '.join(present[:5])}"
+            )
         return [g for g in wanted if g in present]
     chosen = present[:N_PR_FREQUENT]
     return chosen + [EXAMPLE_GENRE] if EXAMPLE_GENRE in present and EXAMPLE_GENRE not in chosen else chosen
@@ -309,8 +392,9 @@ def choose_pr_genres(rows: list[dict], wanted: list[str] | None, genres: list[st
 # ---------------------------------------------------------------------------- the report
 
 
-def _group_section(group: list[Run], out_dir: Path, n_boot: int, pr_genres: list[str] | None
-                   ) -> tuple[dict, list[Path]]:
+def _group_section(
+    group: list[Run], out_dir: Path, n_boot: int, pr_genres: list[str] | None
+) -> tuple[dict, list[Path]]:
     """Return one split group's comparisons and per-genre table, and its figures."""
     split = group[0].split
     rows = per_genre_table(group)
@@ -318,14 +402,27 @@ def _group_section(group: list[Run], out_dir: Path, n_boot: int, pr_genres: list
     figures = [per_genre_figure(rows[:N_BAR_GENRES], [r.name for r in group], out_dir / f"per_genre_ap_{split}.png")]
     if chosen:
         figures.append(pr_figure(group, chosen, out_dir / f"pr_curves_{split}.png"))
-    section = {"split": split, "runs": [r.name for r in group], "n_tracks": len(group[0].predictions["y_true"]),
-               "comparisons": compare(group, n_boot), "per_genre": rows, "pr_genres": chosen}
+    section = {
+        "split": split,
+        "runs": [r.name for r in group],
+        "n_tracks": len(group[0].predictions["y_true"]),
+        "comparisons": compare(group, n_boot),
+        "per_genre": rows,
+        "pr_genres": chosen,
+    }
     return section, figures
 
 
-def build_report(run_dirs: list[Path], out_dir: Path, store: Path | None = None, split: str | None = None,
-                 n_boot: int = 1000, pr_genres: list[str] | None = None, progress: bool = True,
-                 whole_sequence: bool = False) -> ReportResult:
+def build_report(
+    run_dirs: list[Path],
+    out_dir: Path,
+    store: Path | None = None,
+    split: str | None = None,
+    n_boot: int = 1000,
+    pr_genres: list[str] | None = None,
+    progress: bool = True,
+    whole_sequence: bool = False,
+) -> ReportResult:
     """Write report.md, report.json and PNG figures comparing the runs to `out_dir`; return what was written.
 
     whole_sequence=True compares crop averaging with whole-sequence scores, evaluating runs that lack them.
@@ -351,9 +448,19 @@ def build_report(run_dirs: list[Path], out_dir: Path, store: Path | None = None,
     curves = {r.name: r.history for r in runs if r.history is not None and len(r.history)}
     if curves:
         figures.append(learning_curves_figure(curves, out_dir / "learning_curves.png"))
-    summary = _clean({"generated": time.strftime("%Y-%m-%d %H:%M:%S"), "genreclf": __version__,
-                      "git": git_revision(), "n_boot": n_boot, "alpha": ALPHA, "part": PART, "runs": summaries,
-                      "groups": group_out, "figures": [f.name for f in figures]})
+    summary = _clean(
+        {
+            "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "genreclf": __version__,
+            "git": git_revision(),
+            "n_boot": n_boot,
+            "alpha": ALPHA,
+            "part": PART,
+            "runs": summaries,
+            "groups": group_out,
+            "figures": [f.name for f in figures],
+        }
+    )
     md = out_dir / "report.md"
     js = out_dir / "report.json"
     atomic_write_text(js, json.dumps(summary, indent=1, allow_nan=False))

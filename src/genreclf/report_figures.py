@@ -11,8 +11,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from genreclf.metrics import SUMMARY
-from genreclf.metrics import average_precision
+from genreclf.metrics import SUMMARY, average_precision
 
 if TYPE_CHECKING:
     from genreclf.report import Run
@@ -48,8 +47,7 @@ def metrics_figure(summaries: list[dict], path: Path) -> Path:
             value, low, high = (np.nan if v is None else v for v in (m["value"], m["low"], m["high"]))
             ax.errorbar([value], [i], xerr=[[value - low], [high - value]], fmt="o", color=f"C{i}", capsize=4)
             if m["chance"] is not None:
-                ax.plot([m["chance"]], [i], marker="|", markersize=14, color="0.4",
-                        label="chance" if i == 0 else None)
+                ax.plot([m["chance"]], [i], marker="|", markersize=14, color="0.4", label="chance" if i == 0 else None)
         ax.set_title(metric)
         ax.set_xlim(0, 1)
         ax.grid(axis="x", alpha=0.3)
@@ -95,13 +93,23 @@ def pr_figure(group: list[Run], genres: list[str], path: Path) -> Path:
         for k, run in enumerate(group):
             s = run.predictions["scores"][:, g]
             recall, precision = pr_curve(y, s)
-            ax.plot(recall, precision, drawstyle="steps-pre", color=f"C{k}",
-                    label=f"{run.name} (AP {average_precision(y, s):.3f})")
+            ax.plot(
+                recall,
+                precision,
+                drawstyle="steps-pre",
+                color=f"C{k}",
+                label=f"{run.name} (AP {average_precision(y, s):.3f})",
+            )
         ax.axhline(y.mean(), color="0.5", linestyle=":", label=f"chance ({y.mean():.3f})")
-        ax.set(title=f"{genre} ({int(y.sum())} of {len(y)} tracks)", xlabel="recall", ylabel="precision",
-               xlim=(0, 1), ylim=(0, 1.02))
+        ax.set(
+            title=f"{genre} ({int(y.sum())} of {len(y)} tracks)",
+            xlabel="recall",
+            ylabel="precision",
+            xlim=(0, 1),
+            ylim=(0, 1.02),
+        )
         ax.legend(loc="upper right", fontsize="small")
-    for ax in axes[len(genres):]:
+    for ax in axes[len(genres) :]:
         ax.set_visible(False)
     fig.suptitle(f"Precision-recall on the {group[0].split} test split")
     return _save(fig, path)

@@ -58,7 +58,7 @@ class StoreHeader:
         return json.dumps(d, indent=1)
 
     @classmethod
-    def read(cls, store: Path) -> "StoreHeader":
+    def read(cls, store: Path) -> StoreHeader:
         """Read STORE/store.json, checking it is a genreclf store."""
         path = store / "store.json"
         if not path.exists():
@@ -88,8 +88,10 @@ def _create_features(path: Path, shape: tuple[int, int, int]) -> None:
             os.posix_fallocate(fd, 0, size)
         except OSError as e:
             path.unlink(missing_ok=True)
-            raise GenreclfError(f"{path.parent}: cannot reserve {size / 1e9:.2f} GB for the features "
-                                f"({e.strerror}); free some disk space or use another --out") from None
+            raise GenreclfError(
+                f"{path.parent}: cannot reserve {size / 1e9:.2f} GB for the features "
+                f"({e.strerror}); free some disk space or use another --out"
+            ) from None
         finally:
             os.close(fd)
 
@@ -125,9 +127,11 @@ class PartWriter:
         self.plan = plan
         self.features = np.load(part_dir / "features.npy", mmap_mode="r+")
         if self.features.shape != shape:
-            raise GenreclfError(f"{part_dir}: features.npy has shape {self.features.shape}, expected {shape}; delete it")
+            raise GenreclfError(
+                f"{part_dir}: features.npy has shape {self.features.shape}, expected {shape}; delete it"
+            )
         self.state = np.load(part_dir / "state.npy", mmap_mode="r+")
-        self._failed = open(part_dir / "failed.csv", "a", newline="", encoding="utf-8")
+        self._failed = open(part_dir / "failed.csv", "a", newline="", encoding="utf-8")  # noqa: SIM115 (closed by close/finish)
         if self._failed.tell() == 0:
             csv.writer(self._failed).writerow(["track_id", "path", "reason"])
 
@@ -175,8 +179,12 @@ class PartWriter:
         failed = failed[ids.isin(now)].assign(track_id=ids[ids.isin(now)].astype("int64"))
         failed = failed.drop_duplicates("track_id", keep="last")
         atomic_write_text(self.dir / "failed.csv", failed.to_csv(index=False))
-        counts = {"tracks": len(self.plan), "done": int((self.state > 0).sum()), "failed": int((self.state < 0).sum()),
-                  "silent": int(failed["reason"].str.startswith("silent").sum())}
+        counts = {
+            "tracks": len(self.plan),
+            "done": int((self.state > 0).sum()),
+            "failed": int((self.state < 0).sum()),
+            "silent": int(failed["reason"].str.startswith("silent").sum()),
+        }
         if counts["done"] + counts["failed"] == counts["tracks"]:
             atomic_write_text(self.dir / "part.json", json.dumps(counts))
         return counts
@@ -207,7 +215,7 @@ class FeatureStore:
         self._features: list[np.ndarray] | None = None
 
     @classmethod
-    def open(cls, path: str | Path) -> "FeatureStore":
+    def open(cls, path: str | Path) -> FeatureStore:
         """Open a complete store written by `genreclf featurize`."""
         path = Path(path)
         header = StoreHeader.read(path)
@@ -219,8 +227,9 @@ class FeatureStore:
                     f"{path}: part {k + 1} of {header.n_parts} is not finished; "
                     "run the same `genreclf featurize` command again to complete it"
                 )
-            plan = pd.read_csv(part_dir / "plan.csv", dtype={"path": str, "split": str, "genre_top": str},
-                               keep_default_na=False)
+            plan = pd.read_csv(
+                part_dir / "plan.csv", dtype={"path": str, "split": str, "genre_top": str}, keep_default_na=False
+            )
             state = np.load(part_dir / "state.npy")
             done = state > 0
             plan = plan.assign(part=k, valid_frames=state)

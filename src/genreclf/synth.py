@@ -38,8 +38,33 @@ CHANNELS = 2
 MP3_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)  # rates MPEG audio allows
 # Genres the corpus uses, most frequent first (Zipf rank); 8 roots, some 3 levels deep.
 SYNTH_GENRES = (
-    38, 15, 12, 17, 21, 10, 1, 32, 76, 42, 25, 103, 66, 27,
-    236, 181, 4, 5, 47, 89, 362, 33, 297, 811, 31, 74, 240,
+    38,
+    15,
+    12,
+    17,
+    21,
+    10,
+    1,
+    32,
+    76,
+    42,
+    25,
+    103,
+    66,
+    27,
+    236,
+    181,
+    4,
+    5,
+    47,
+    89,
+    362,
+    33,
+    297,
+    811,
+    31,
+    74,
+    240,
 )
 ZIPF_EXPONENT = 0.6  # genre popularity ~ rank ** -0.6: imbalanced, yet each genre recurs
 SIGNATURE_SEED = 20170401  # genre signatures depend on this and the genre id only, not the corpus seed
@@ -48,28 +73,118 @@ _HARMONICS = np.arange(1, 9)
 
 # FMA's tracks.csv columns, in FMA's order.
 TRACKS_COLUMNS = tuple(
-    [("album", c) for c in (
-        "comments date_created date_released engineer favorites id information listens "
-        "producer tags title tracks type").split()]
-    + [("artist", c) for c in (
-        "active_year_begin active_year_end associated_labels bio comments date_created favorites "
-        "id latitude location longitude members name related_projects tags website "
-        "wikipedia_page").split()]
+    [
+        ("album", c)
+        for c in [
+            "comments",
+            "date_created",
+            "date_released",
+            "engineer",
+            "favorites",
+            "id",
+            "information",
+            "listens",
+            "producer",
+            "tags",
+            "title",
+            "tracks",
+            "type",
+        ]
+    ]
+    + [
+        ("artist", c)
+        for c in [
+            "active_year_begin",
+            "active_year_end",
+            "associated_labels",
+            "bio",
+            "comments",
+            "date_created",
+            "favorites",
+            "id",
+            "latitude",
+            "location",
+            "longitude",
+            "members",
+            "name",
+            "related_projects",
+            "tags",
+            "website",
+            "wikipedia_page",
+        ]
+    ]
     + [("set", "split"), ("set", "subset")]
-    + [("track", c) for c in (
-        "bit_rate comments composer date_created date_recorded duration favorites genre_top "
-        "genres genres_all information interest language_code license listens lyricist number "
-        "publisher tags title").split()]
+    + [
+        ("track", c)
+        for c in [
+            "bit_rate",
+            "comments",
+            "composer",
+            "date_created",
+            "date_recorded",
+            "duration",
+            "favorites",
+            "genre_top",
+            "genres",
+            "genres_all",
+            "information",
+            "interest",
+            "language_code",
+            "license",
+            "listens",
+            "lyricist",
+            "number",
+            "publisher",
+            "tags",
+            "title",
+        ]
+    ]
 )
 
-_ADJECTIVES = (
-    "Amber Broken Crimson Distant Electric Faded Golden Hollow Iron Lunar Midnight Neon "
-    "Paper Quiet Restless Silver Static Velvet Wandering Wild"
-).split()
-_NOUNS = (
-    "Anchor Bicycle Canyon Comet Engine Forest Harbor Island Lantern Machine Mirror Orchard "
-    "Pilot River Signal Spiral Telescope Tide Valley Window"
-).split()
+_ADJECTIVES = [
+    "Amber",
+    "Broken",
+    "Crimson",
+    "Distant",
+    "Electric",
+    "Faded",
+    "Golden",
+    "Hollow",
+    "Iron",
+    "Lunar",
+    "Midnight",
+    "Neon",
+    "Paper",
+    "Quiet",
+    "Restless",
+    "Silver",
+    "Static",
+    "Velvet",
+    "Wandering",
+    "Wild",
+]
+_NOUNS = [
+    "Anchor",
+    "Bicycle",
+    "Canyon",
+    "Comet",
+    "Engine",
+    "Forest",
+    "Harbor",
+    "Island",
+    "Lantern",
+    "Machine",
+    "Mirror",
+    "Orchard",
+    "Pilot",
+    "River",
+    "Signal",
+    "Spiral",
+    "Telescope",
+    "Tide",
+    "Valley",
+    "Window",
+]
 _PLACES = (
     ("Portland, OR", 45.5234515, -122.6762071),
     ("Chicago, IL", 41.8781136, -87.6297982),
@@ -226,9 +341,7 @@ def _when(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _genre_set(
-    rng: np.random.Generator, palette: np.ndarray, weights: np.ndarray, roots: np.ndarray
-) -> list[int]:
+def _genre_set(rng: np.random.Generator, palette: np.ndarray, weights: np.ndarray, roots: np.ndarray) -> list[int]:
     """Return an artist's 1-3 genres: popular ones more often, companions mostly from the same root."""
     chosen = [int(rng.choice(palette, p=weights))]
     for _ in range(int(rng.choice([0, 1, 2], p=[0.55, 0.35, 0.10]))):
@@ -337,9 +450,7 @@ def _track(rng: np.random.Generator, mine: list[int], album: dict, genres: Genre
     }
 
 
-def synth_metadata(
-    n_tracks: int, seconds: float, seed: int, genres: Genres
-) -> tuple[pd.DataFrame, list[ClipSpec]]:
+def synth_metadata(n_tracks: int, seconds: float, seed: int, genres: Genres) -> tuple[pd.DataFrame, list[ClipSpec]]:
     """Return an FMA-format tracks table (as pandas reads tracks.csv) and the clip of each track."""
     rng = np.random.default_rng(seed)
     palette = np.array(SYNTH_GENRES, dtype=np.int64)
@@ -381,8 +492,17 @@ def synth_metadata(
             # FMA's small and medium subsets hold only tracks with a genre_top.
             u = rng.random() if track["genre_top"] else 1.0
             subset = "small" if u < 0.25 else "medium" if u < 0.6 else "large"
-            rows.append((track_id, {"album": album, "artist": artist, "track": track,
-                                    "set": {"split": splits[index], "subset": subset}}))
+            rows.append(
+                (
+                    track_id,
+                    {
+                        "album": album,
+                        "artist": artist,
+                        "track": track,
+                        "set": {"split": splits[index], "subset": subset},
+                    },
+                )
+            )
             specs.append(ClipSpec(track_id, tuple(mine), seconds, seed, **voice))
             track_id += 1 if rng.random() < 0.7 else 1 + int(rng.geometric(0.25))
     # Album track counts are final only now, so the rows are flattened last.
@@ -414,9 +534,7 @@ def make_corpus(
     `if __name__ == "__main__":` guard.
     """
     if n_tracks < 1 or seconds <= 0:
-        raise GenreclfError(
-            f"need at least one track and a positive length, got {n_tracks} tracks of {seconds} s"
-        )
+        raise GenreclfError(f"need at least one track and a positive length, got {n_tracks} tracks of {seconds} s")
     if sample_rate not in MP3_RATES or channels not in (1, 2):
         raise GenreclfError(
             f"cannot write {channels}-channel MP3 at {sample_rate} Hz: "

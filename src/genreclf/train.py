@@ -32,15 +32,15 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from genreclf import __version__
-from genreclf.progress import hms
-from genreclf.provenance import git_revision
+from genreclf.atomic import atomic_write_text
+from genreclf.config import FitConfig, PretrainConfig, TrainConfig
 from genreclf.data import CropBatchSampler, EvenCropSampler, loader, split_positions
 from genreclf.errors import GenreclfError, first_line
-from genreclf.config import FitConfig, PretrainConfig, TrainConfig
 from genreclf.lightning_modules import PretrainModule, TaggerModule
 from genreclf.modelfile import ModelFile, save_tensors
 from genreclf.models import GRUConfig, TransformerConfig, count_parameters
-from genreclf.atomic import atomic_write_text
+from genreclf.progress import hms
+from genreclf.provenance import git_revision
 from genreclf.store import FeatureStore
 
 log = logging.getLogger(__name__)
@@ -108,13 +108,21 @@ class EpochLog(Callback):
         done = trainer.current_epoch + 1
         elapsed = time.monotonic() - self.t0
         per_epoch = elapsed / max(1, done - self.first_epoch)
-        log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  (%.0f s/epoch, %s elapsed, ETA %s at most)",
-                 done, self.max_epochs, values["train_loss"], values["val_loss"], per_epoch, hms(elapsed),
-                 hms(per_epoch * (self.max_epochs - done)))
+        log.info(
+            "epoch %d/%d  train_loss %.4f  val_loss %.4f  (%.0f s/epoch, %s elapsed, ETA %s at most)",
+            done,
+            self.max_epochs,
+            values["train_loss"],
+            values["val_loss"],
+            per_epoch,
+            hms(elapsed),
+            hms(per_epoch * (self.max_epochs - done)),
+        )
 
 
-def _prepare(store_path: str | Path, run_dir: str | Path, fit: FitConfig, optim: TrainConfig | PretrainConfig,
-             resume: bool):
+def _prepare(
+    store_path: str | Path, run_dir: str | Path, fit: FitConfig, optim: TrainConfig | PretrainConfig, resume: bool
+):
     store = FeatureStore.open(store_path)
     run_dir = Path(run_dir)
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -132,8 +140,9 @@ def _prepare(store_path: str | Path, run_dir: str | Path, fit: FitConfig, optim:
     train_pos = split_positions(store, "training", fit.split, fit.seed)
     val_pos = split_positions(store, "validation", fit.split, fit.seed)
     # A resumed run draws the crops the uninterrupted run would have drawn from next_epoch on.
-    sampler = CropBatchSampler(store.valid_frames, train_pos, fit.batch_size, fit.min_crop, fit.max_crop, fit.seed,
-                               first_epoch=next_epoch)
+    sampler = CropBatchSampler(
+        store.valid_frames, train_pos, fit.batch_size, fit.min_crop, fit.max_crop, fit.seed, first_epoch=next_epoch
+    )
     val_sampler = EvenCropSampler(store.valid_frames, val_pos, fit.batch_size, fit.val_crop)
     loaders = loader(store, sampler, fit.workers), loader(store, val_sampler, fit.workers)
     return store, run_dir, last if resume else None, loaders, (len(train_pos), len(val_pos))
@@ -144,8 +153,10 @@ def _check_resumable(last: Path, fit: FitConfig, n_genres: int) -> int:
     try:  # weights_only: tensors and plain values only, as unpickling anything else can run code
         checkpoint = torch.load(last, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise GenreclfError(f"{last} holds objects other than tensors and plain values (loading them could run "
-                            "code; genreclf's checkpoints hold none); not resuming it: pick a new --out") from None
+        raise GenreclfError(
+            f"{last} holds objects other than tensors and plain values (loading them could run "
+            "code; genreclf's checkpoints hold none); not resuming it: pick a new --out"
+        ) from None
     except (RuntimeError, EOFError, ValueError) as e:
         raise GenreclfError(f"{last}: cannot read the checkpoint ({first_line(e, 80)}); pick a new --out") from None
     config = checkpoint.get("hyper_parameters", {}).get("model_config", {})
@@ -164,9 +175,14 @@ def _settings(store: FeatureStore, fit: FitConfig, optim: TrainConfig | Pretrain
     """What defines a run's training: the same on every resume, or its epochs would mix data or objectives."""
     digest = hashlib.sha1(np.ascontiguousarray(store.track_ids, dtype=np.int64).tobytes())
     digest.update(np.ascontiguousarray(store.genre_ids, dtype=np.int64).tobytes())
-    settings = {**{k: v for k, v in dataclasses.asdict(fit).items() if k not in RESUMABLE},
-                "optimiser": dataclasses.asdict(optim), "labels": store.header.labels, "subset": store.header.subset,
-                "store_tracks": len(store.track_ids), "store_digest": digest.hexdigest()}
+    settings = {
+        **{k: v for k, v in dataclasses.asdict(fit).items() if k not in RESUMABLE},
+        "optimiser": dataclasses.asdict(optim),
+        "labels": store.header.labels,
+        "subset": store.header.subset,
+        "store_tracks": len(store.track_ids),
+        "store_digest": digest.hexdigest(),
+    }
     return json.loads(json.dumps(settings, default=str))  # as it reads back from settings.json (tuples -> lists)
 
 
@@ -174,8 +190,10 @@ def _check_settings(run_dir: Path, settings: dict, resume: bool) -> None:
     """Write RUN/settings.json when a run starts; on --resume, refuse settings that differ from it."""
     path = run_dir / "settings.json"
     if resume and not path.is_file():
-        raise GenreclfError(f"{run_dir} was started by an older genreclf (no settings.json; its loss is on "
-                            "another scale); start a new --out")
+        raise GenreclfError(
+            f"{run_dir} was started by an older genreclf (no settings.json; its loss is on "
+            "another scale); start a new --out"
+        )
     if resume:
         started = json.loads(path.read_text())
         changed = [k for k in sorted(set(started) | set(settings)) if started.get(k) != settings.get(k)]
@@ -183,8 +201,9 @@ def _check_settings(run_dir: Path, settings: dict, resume: bool) -> None:
             was = ", ".join(f"{k}={started.get(k)!r}" for k in changed if k != "store_digest")
             now = ", ".join(f"{k}={settings.get(k)!r}" for k in changed if k != "store_digest")
             what = "another store's tracks" if changed == ["store_digest"] else f"{was} (now {now})"
-            raise GenreclfError(f"{run_dir} was started with {what}; resume with the same settings and store, "
-                                "or pick a new --out")
+            raise GenreclfError(
+                f"{run_dir} was started with {what}; resume with the same settings and store, or pick a new --out"
+            )
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(settings, indent=1, default=str))
@@ -201,11 +220,18 @@ def _trainer(run_dir: Path, fit: FitConfig, progress: bool, extra: Sequence[Call
         pass
     callbacks: list = [
         # The best epoch by validation loss (checkpoint_callback, exported as model.safetensors) ...
-        ModelCheckpoint(run_dir / "checkpoints", filename="best", monitor="val_loss", mode="min",
-                        enable_version_counter=False),
+        ModelCheckpoint(
+            run_dir / "checkpoints", filename="best", monitor="val_loss", mode="min", enable_version_counter=False
+        ),
         # ... and every epoch's state for --resume (save_last alone only writes when "best" improves).
-        ModelCheckpoint(run_dir / "checkpoints", filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
-                        enable_version_counter=False),
+        ModelCheckpoint(
+            run_dir / "checkpoints",
+            filename="last",
+            monitor=None,
+            save_top_k=1,
+            every_n_epochs=1,
+            enable_version_counter=False,
+        ),
         EpochLog(fit.epochs, run_dir / "logs" / "metrics.csv", fit.seed),
         *extra,
     ]
@@ -218,14 +244,23 @@ def _trainer(run_dir: Path, fit: FitConfig, progress: bool, extra: Sequence[Call
         callbacks.append(TQDMProgressBar(refresh_rate=1))
     try:
         return L.Trainer(
-            default_root_dir=run_dir, max_epochs=fit.epochs, accelerator=fit.accelerator, devices=fit.devices,
-            logger=loggers or False, callbacks=callbacks, enable_progress_bar=bar, enable_model_summary=False,
-            deterministic=False, num_sanity_val_steps=0, log_every_n_steps=10,
+            default_root_dir=run_dir,
+            max_epochs=fit.epochs,
+            accelerator=fit.accelerator,
+            devices=fit.devices,
+            logger=loggers or False,
+            callbacks=callbacks,
+            enable_progress_bar=bar,
+            enable_model_summary=False,
+            deterministic=False,
+            num_sanity_val_steps=0,
+            log_every_n_steps=10,
             use_distributed_sampler=False,  # CropBatchSampler shards batches across DDP ranks itself
         )
     except (MisconfigurationException, TypeError, ValueError, RuntimeError) as e:
-        raise GenreclfError(f"cannot use --accelerator {fit.accelerator} --devices {fit.devices}: "
-                            f"{first_line(e, None)}") from None
+        raise GenreclfError(
+            f"cannot use --accelerator {fit.accelerator} --devices {fit.devices}: {first_line(e, None)}"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -245,8 +280,15 @@ def _quiet_lightning() -> Iterator[None]:
             logger.setLevel(level)
 
 
-def _fit(module: L.LightningModule, loaders: tuple, run_dir: Path, fit: FitConfig, ckpt: Path | None,
-         progress: bool, callbacks: Sequence[Callback]) -> tuple[L.Trainer, L.LightningModule]:
+def _fit(
+    module: L.LightningModule,
+    loaders: tuple,
+    run_dir: Path,
+    fit: FitConfig,
+    ckpt: Path | None,
+    progress: bool,
+    callbacks: Sequence[Callback],
+) -> tuple[L.Trainer, L.LightningModule]:
     """Run Lightning's fit; return the trainer and the best epoch's module (by val_loss)."""
     with _quiet_lightning():
         trainer = _trainer(run_dir, fit, progress, callbacks)
@@ -260,16 +302,31 @@ def _fit(module: L.LightningModule, loaders: tuple, run_dir: Path, fit: FitConfi
 
 def _provenance(store: FeatureStore, fit: FitConfig, counts: tuple[int, int], extra: dict) -> dict:
     return {
-        "store": str(store.path.resolve()), "store_description": store.describe(), "labels": store.header.labels,
-        "subset": store.header.subset, "split": fit.split, "train_tracks": counts[0], "validation_tracks": counts[1],
-        "fit": dataclasses.asdict(fit), "genreclf": __version__, "git": git_revision(), "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), **extra,
+        "store": str(store.path.resolve()),
+        "store_description": store.describe(),
+        "labels": store.header.labels,
+        "subset": store.header.subset,
+        "split": fit.split,
+        "train_tracks": counts[0],
+        "validation_tracks": counts[1],
+        "fit": dataclasses.asdict(fit),
+        "genreclf": __version__,
+        "git": git_revision(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        **extra,
     }
 
 
-def train(store_path: str | Path, run_dir: str | Path, fit: FitConfig = FitConfig(),
-          optim: TrainConfig = TrainConfig(), resume: bool = False, progress: bool = True,
-          callbacks: Sequence[Callback] = ()) -> RunResult:
+def train(
+    store_path: str | Path,
+    run_dir: str | Path,
+    fit: FitConfig = FitConfig(),
+    optim: TrainConfig = TrainConfig(),
+    resume: bool = False,
+    progress: bool = True,
+    callbacks: Sequence[Callback] = (),
+) -> RunResult:
     """Train a GRU or Transformer tagger on the store's training split; return the run's result.
 
     The best epoch by validation loss becomes RUN/model.safetensors. `callbacks` are extra
@@ -284,28 +341,50 @@ def train(store_path: str | Path, run_dir: str | Path, fit: FitConfig = FitConfi
             raise GenreclfError("--pretrained encoder weights are for the transformer model only")
         module.model.load_encoder_state_dict(_load_tensors(fit.pretrained))
     params = count_parameters(module.model)
-    log.info("training %s (%s parameters) on %d tracks, validating on %d (%s split) -> %s",
-             fit.model, f"{params:,}", counts[0], counts[1], fit.split, run_dir)
+    log.info(
+        "training %s (%s parameters) on %d tracks, validating on %d (%s split) -> %s",
+        fit.model,
+        f"{params:,}",
+        counts[0],
+        counts[1],
+        fit.split,
+        run_dir,
+    )
     trainer, best = _fit(module, loaders, run_dir, fit, ckpt, progress, callbacks)
     best_val = float(trainer.checkpoint_callback.best_model_score or float("nan"))
     seconds = time.perf_counter() - t0
     model_path = run_dir / "model.safetensors"
     if not trainer.is_global_zero:  # under DDP one process writes the run's files
         return RunResult(run_dir, model_path, params, trainer.current_epoch, best_val, seconds)
-    extra = {"parameters": params, "epochs": trainer.current_epoch, "best_val_loss": best_val,
-             "train_config": dataclasses.asdict(optim), "train_seconds": seconds}
+    extra = {
+        "parameters": params,
+        "epochs": trainer.current_epoch,
+        "best_val_loss": best_val,
+        "train_config": dataclasses.asdict(optim),
+        "train_seconds": seconds,
+    }
     model_path = ModelFile(
-        model=best.model, config=model_cfg, genres=store.genres, genre_ids=list(store.genre_ids),
-        signal=store.signal, genre_top_level=list(store.header.genre_top_level),
+        model=best.model,
+        config=model_cfg,
+        genres=store.genres,
+        genre_ids=list(store.genre_ids),
+        signal=store.signal,
+        genre_top_level=list(store.header.genre_top_level),
         provenance=_provenance(store, fit, counts, extra),
     ).save(model_path)
     atomic_write_text(run_dir / "train.json", json.dumps({"model": fit.model, **extra}, indent=1))
     return RunResult(run_dir, model_path, params, trainer.current_epoch, best_val, seconds)
 
 
-def pretrain(store_path: str | Path, run_dir: str | Path, fit: FitConfig = FitConfig(model="transformer"),
-             optim: PretrainConfig = PretrainConfig(), resume: bool = False, progress: bool = True,
-             callbacks: Sequence[Callback] = ()) -> RunResult:
+def pretrain(
+    store_path: str | Path,
+    run_dir: str | Path,
+    fit: FitConfig = FitConfig(model="transformer"),
+    optim: PretrainConfig = PretrainConfig(),
+    resume: bool = False,
+    progress: bool = True,
+    callbacks: Sequence[Callback] = (),
+) -> RunResult:
     """Masked-frame pretraining of the Transformer encoder; writes RUN/encoder.safetensors."""
     t0 = time.perf_counter()
     fit = dataclasses.replace(fit, model="transformer")
@@ -315,12 +394,14 @@ def pretrain(store_path: str | Path, run_dir: str | Path, fit: FitConfig = FitCo
     out = run_dir / "encoder.safetensors"
     best_val = float(trainer.checkpoint_callback.best_model_score or float("nan"))
     if not trainer.is_global_zero:
-        return RunResult(run_dir, out, count_parameters(best.encoder), trainer.current_epoch, best_val,
-                         time.perf_counter() - t0)
+        return RunResult(
+            run_dir, out, count_parameters(best.encoder), trainer.current_epoch, best_val, time.perf_counter() - t0
+        )
     meta = {"format": "genreclf-encoder", "provenance": json.dumps(_provenance(store, fit, counts, {}), default=str)}
     save_tensors(out, best.encoder_state_dict(), meta)
-    return RunResult(run_dir, out, count_parameters(best.encoder), trainer.current_epoch, best_val,
-                     time.perf_counter() - t0)
+    return RunResult(
+        run_dir, out, count_parameters(best.encoder), trainer.current_epoch, best_val, time.perf_counter() - t0
+    )
 
 
 def _load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -330,6 +411,6 @@ def _load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         with safe_open(str(path), framework="pt") as f:
             if (f.metadata() or {}).get("format") != "genreclf-encoder":
                 raise GenreclfError(f"{path}: not an encoder file from `genreclf pretrain`")
-            return {k: f.get_tensor(k) for k in f.keys()}
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     except (SafetensorError, OSError) as e:
         raise GenreclfError(f"{path}: cannot read pretrained encoder ({first_line(e, 80)})") from None
