@@ -251,7 +251,7 @@ def test_progress_in_a_log_file_is_lines_not_carriage_returns(corpus, tmp_path, 
         featurize(corpus, tmp_path / "store", workers=1, progress=True)
     err = capfd.readouterr().err
     assert "\r" not in err  # stderr is not a terminal under pytest: no bar redraws
-    assert any("featurize: 30/30 clip (100%)" in r.getMessage() and "ETA" in r.getMessage() for r in caplog.records)
+    assert any("featurize: 30/30 clips (100%)" in r.getMessage() and "ETA" in r.getMessage() for r in caplog.records)
 
 
 def crash_on_track_3(job):

@@ -41,7 +41,7 @@ class LineProgress:
         rate = (self.n - self.start_n) / elapsed if elapsed > 0 else 0.0
         left = (self.total - self.n) / rate if rate > 0 else float("nan")
         log.info(
-            "%s: %d/%d %s (%.0f%%), %.1f %s/s, %s elapsed, ETA %s",
+            "%s: %d/%d %ss (%.0f%%), %.1f %ss/s, %s elapsed, ETA %s",
             self.desc,
             self.n,
             self.total,
