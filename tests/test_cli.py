@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import write_bad_files
 
+import genreclf
 from genreclf.cli import main
 from genreclf.modelfile import ModelFile
 from genreclf.models import count_parameters
@@ -56,6 +57,9 @@ def test_train_writes_a_self_describing_model(pipeline, model, params):
     mf = ModelFile.load(run / "model.safetensors")
     assert mf.config.kind == model and count_parameters(mf.model) == params
     assert len(mf.genres) == 163 and mf.provenance["split"] == "official"
+    # What the numbers depend on: genreclf's version, torch's, and the CPU kernels torch chose.
+    assert mf.provenance["genreclf"] == genreclf.__version__
+    assert mf.provenance["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     info = json.loads((run / "train.json").read_text())
     assert info["parameters"] == params and info["epochs"] == 1
     # Round trip: saving what was loaded gives the same predictions.

@@ -313,6 +313,8 @@ def _provenance(store: FeatureStore, fit: FitConfig, counts: tuple[int, int], ex
         "genreclf": __version__,
         "git": git_revision(),
         "torch": torch.__version__,
+        # CPU training results depend on the vector kernels torch picks (AVX2 vs AVX512): see README.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         **extra,
     }
