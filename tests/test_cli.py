@@ -430,7 +430,7 @@ def test_defaults_are_the_librarys_own_and_help_shows_them(capsys):
     assert f"(default: {pre.lr})" in _help(capsys, "pretrain")
     assert f"(default: {CLIP_TIMEOUT})" in _help(capsys, "featurize")
     assert f"(default: {N_CROPS})" in _help(capsys, "predict")
-    for command in ("synth", "featurize", "train", "evaluate", "predict", "report", "demo"):
+    for command in ("synth", "featurize", "train", "evaluate", "calibrate", "predict", "report", "demo"):
         text = _help(capsys, command)
         assert "(default: None)" not in text and "(default: False)" not in text
         assert re.search(r"\(default \d", text) is None, f"a hand-written default in `{command} --help`"
@@ -554,14 +554,16 @@ def test_predict_csv(pipeline, real_mp3, tmp_path, capsys):
     assert main(["predict", str(pipeline / "transformer"), *inputs, "--format", "csv", "--top", "3"]) == 1
     out, err = capsys.readouterr()
     rows = list(csv.reader(io.StringIO(out)))
-    assert rows[0] == ["file", "rank", "genre", "probability", "error"]
-    top = Tagger.load(pipeline / "transformer").predict(real_mp3).top(3)
+    assert rows[0] == ["file", "rank", "genre", "probability", "chosen", "error"]
+    prediction = Tagger.load(pipeline / "transformer").predict(real_mp3)
+    top, chosen = prediction.top(3), prediction.chosen()
     good = [r for r in rows[1:] if r[0] == str(real_mp3)]
-    assert [(r[1], r[2], r[4]) for r in good] == [(str(k), g, "") for k, (g, _) in enumerate(top, 1)]
+    assert [(r[1], r[2], r[5]) for r in good] == [(str(k), g, "") for k, (g, _) in enumerate(top, 1)]
     np.testing.assert_allclose([float(r[3]) for r in good], [p for _, p in top], atol=5e-5)
+    assert [r[4] for r in good] == ["1" if g in chosen else "0" for g, _ in top]
     errors = rows[1 + len(good) :]
-    assert [r[0] for r in errors] == inputs[1:] and all(r[1:4] == ["", "", ""] for r in errors)
-    assert "not a readable audio file" in errors[0][4] and "no audio files found" in errors[1][4]
+    assert [r[0] for r in errors] == inputs[1:] and all(r[1:5] == ["", "", "", ""] for r in errors)
+    assert "not a readable audio file" in errors[0][5] and "no audio files found" in errors[1][5]
     assert "2 input(s) could not be tagged" in err
 
 
@@ -569,15 +571,101 @@ def test_predict_table(pipeline, real_mp3, tmp_path, capsys):
     inputs = _predict_inputs(real_mp3, tmp_path)
     assert main(["predict", str(pipeline / "gru"), *inputs, "--top", "4"]) == 1
     lines = capsys.readouterr().out.splitlines()
-    top = Tagger.load(pipeline / "gru").predict(real_mp3).top(4)
-    assert lines[0] == str(real_mp3) and len(lines) == 1 + 4 + 2 * 2
+    prediction = Tagger.load(pipeline / "gru").predict(real_mp3)
+    top, chosen = prediction.top(4), prediction.chosen()
+    assert lines[0] == str(real_mp3) and len(lines) == 1 + 4 + 1 + 2 * 2
     for line, (genre, p) in zip(lines[1:5], top):
-        assert re.fullmatch(r"   [01]\.\d{3}  \S.*", line), line
-        shown, name = line.split(None, 1)
+        assert re.fullmatch(r"   [01]\.\d{3} [* ] \S.*", line), line
+        shown, name = line[:8], line[11:]
         assert name == genre and abs(float(shown) - p) <= 6e-4
-    assert lines[5:] == [inputs[1], lines[6], inputs[2], lines[8]]
-    assert lines[6].startswith("  error: ") and "not a readable audio file" in lines[6]
-    assert lines[8].startswith("  error: ") and "no audio files found" in lines[8]
+        assert line[9] == ("*" if genre in chosen else " ")
+    assert lines[5] == "  chosen: " + (", ".join(chosen) or "(none)")
+    assert lines[6:] == [inputs[1], lines[7], inputs[2], lines[9]]
+    assert lines[7].startswith("  error: ") and "not a readable audio file" in lines[7]
+    assert lines[9].startswith("  error: ") and "no audio files found" in lines[9]
     assert main(["predict", str(pipeline / "gru"), str(real_mp3)]) == 0  # nothing failed
     out, err = capsys.readouterr()
-    assert out.splitlines()[0] == str(real_mp3) and len(out.splitlines()) == 6 and err == ""
+    assert out.splitlines()[0] == str(real_mp3) and len(out.splitlines()) == 7 and err == ""
+
+
+def test_train_chooses_thresholds_on_the_validation_split(pipeline):
+    from genreclf.data import split_positions
+    from genreclf.decide import choose_thresholds
+    from genreclf.evaluate import predict_store
+
+    store = FeatureStore.open(pipeline / "store")
+    positions = split_positions(store, "validation")
+    for model in ("gru", "transformer"):
+        mf = ModelFile.load(pipeline / model / "model.safetensors")
+        t = mf.thresholds
+        assert (t["split"], t["part"], t["n_tracks"]) == ("official", "validation", len(positions))
+        assert len(t["values"]) == 163 and "F1" in t["rule"] and t["crops"] == {"length": 256, "count": 8}
+        assert mf.genre_parents == list(store.header.genre_parents)
+        # The best model's probabilities on the validation tracks give the stored thresholds again.
+        again = choose_thresholds(predict_store(mf.model, store, positions), store.targets[positions])
+        np.testing.assert_allclose(t["values"], again.values, atol=1e-6)
+        assert t["chosen_by"] == again.chosen_by and t["positives"] == again.positives.tolist()
+
+
+def _without_decisions(source, path):
+    """Copy a model file as genreclf wrote it before decisions: no thresholds, no genre tree."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(source), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    old = {k: v for k, v in meta.items() if k not in ("thresholds", "genre_parents")}
+    save_file(tensors, str(path), metadata=old)
+    return meta, tensors
+
+
+def test_calibrate_adds_thresholds_to_an_old_model_file(pipeline, real_mp3, tmp_path, capsys, caplog):
+    from safetensors import safe_open
+
+    old = tmp_path / "old" / "model.safetensors"
+    old.parent.mkdir()
+    meta, tensors = _without_decisions(pipeline / "gru" / "model.safetensors", old)
+    mf = ModelFile.load(old)  # an old file still loads and predicts
+    assert mf.thresholds is None and mf.genre_parents == []
+    assert main(["predict", str(old), str(real_mp3), "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["chosen"] is None and "genreclf calibrate" in caplog.text
+    assert main(["predict", str(old), str(real_mp3), "--threshold", "0.5", "--with-parents"]) == 2
+    assert "genre tree" in capsys.readouterr().err
+    assert main(["-q", "calibrate", str(old.parent), "--store", str(pipeline / "store")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"thresholds written to {old}: ") and "validation tracks of the official split" in out
+    with safe_open(str(old), framework="pt") as f:  # the same weights and metadata, and the decisions added
+        again = f.metadata()
+        for k in f.keys():  # noqa: SIM118
+            assert torch.equal(f.get_tensor(k), tensors[k]), k
+    assert again.keys() == meta.keys() and all(again[k] == meta[k] for k in meta if k != "thresholds")
+    values = json.loads(again["thresholds"])["values"]
+    np.testing.assert_allclose(values, json.loads(meta["thresholds"])["values"], atol=1e-6)
+    assert main(["predict", str(old), str(real_mp3), "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["chosen"] == Tagger.load(old).predict(real_mp3).chosen()
+
+
+def test_predict_chosen_genres_pass_their_thresholds(pipeline, real_mp3, capsys):
+    from genreclf.metadata import load_genres
+
+    model = pipeline / "transformer"
+    thresholds = np.array(ModelFile.load(model / "model.safetensors").thresholds["values"])
+    p = Tagger.load(model).predict(real_mp3).probabilities
+    genres = ModelFile.load(model / "model.safetensors").genres
+    by_probability = [genres[c] for c in np.argsort(-p, kind="stable")]
+
+    def chosen(*flags: str) -> list[str]:
+        assert main(["predict", str(model), str(real_mp3), "--format", "json", *flags]) == 0
+        return json.loads(capsys.readouterr().out)[0]["chosen"]
+
+    assert chosen() == [g for g in by_probability if p[genres.index(g)] >= thresholds[genres.index(g)]]
+    cut = float(np.sort(p)[-6])  # a global threshold: the six most probable pass
+    assert chosen("--threshold", str(cut)) == by_probability[:6]
+    # --with-parents: the chosen ones, then every ancestor (genres.csv) of each not chosen already.
+    tree = load_genres(pipeline / "corpus" / "fma_metadata" / "genres.csv")
+    name = dict(zip(tree.ids.tolist(), tree.names))
+    ids = {n: i for i, n in name.items()}
+    with_parents = chosen("--threshold", str(cut), "--with-parents")
+    assert with_parents[:6] == by_probability[:6]
+    ancestors = {name[a] for g in by_probability[:6] for a in tree.ancestors(ids[g])}
+    assert set(with_parents[6:]) == ancestors - set(by_probability[:6]) and len(set(with_parents)) == len(with_parents)

@@ -1,6 +1,10 @@
 """Tagging files: known answers for crop and window averaging; streamed decoding equals tagging the waveform."""
 
+import csv
+import io
+import json
 import os
+import re
 import subprocess
 import sys
 import tracemalloc
@@ -16,8 +20,9 @@ from conftest import REAL_MP3, write_bad_files, write_long_wav
 import genreclf
 from genreclf import audio
 from genreclf.audio import N_FRAMES, SAMPLE_RATE
+from genreclf.cli import main
 from genreclf.data import crop_starts
-from genreclf.errors import AudioError
+from genreclf.errors import AudioError, GenreclfError
 from genreclf.mel import valid_frames
 from genreclf.modelfile import ModelFile
 from genreclf.models import TransformerConfig, model_from_config
@@ -134,3 +139,40 @@ def test_windows_of_a_long_file_are_averaged_by_their_real_frames():
         assert probs.shape == (3,)
         np.testing.assert_allclose(probs[2], expected.item(), rtol=1e-6)
     assert tagger.predict(wave).probabilities[2] == np.float32(tagger.probabilities(wave)[2])
+
+
+def test_chosen_genres_need_thresholds_or_a_global_threshold(model_path):
+    prediction = Tagger.load(model_path, device="cpu").predict(REAL_MP3)  # a model file without thresholds
+    with pytest.raises(GenreclfError, match="genreclf calibrate"):
+        prediction.chosen()
+    p = prediction.probabilities
+    cut = float(np.sort(p)[-2])  # the second highest probability: exactly two genres pass
+    assert prediction.chosen(threshold=cut) == [g for g, _ in prediction.top(2)]
+    assert prediction.chosen(threshold=1.0) == [] and len(prediction.chosen(threshold=0.0)) == 5
+
+
+def test_predict_chooses_by_the_model_thresholds_and_adds_ancestors(tmp_path, capsys):
+    # FMA's genre ids (genres.csv): Jazz 4 and Rock 12 are roots, Metal 31 is Rock's, Death-Metal 101 Metal's.
+    torch.manual_seed(0)
+    config = TransformerConfig(n_genres=4, n_layers=1, n_heads=2, d_ff=32, head_factor=1)
+    genres, ids = ["Jazz", "Rock", "Metal", "Death-Metal"], [4, 12, 31, 101]
+    mf = ModelFile(model_from_config(config).eval(), config, genres, ids, genre_parents=[0, 0, 12, 31])
+    p = Tagger(mf).predict(REAL_MP3).probabilities
+    # Thresholds that let Jazz and Death-Metal pass, and nothing else.
+    values = [float(p[0]) - 1e-4, 1.0, 1.0, float(p[3]) - 1e-4]
+    mf.thresholds = {"values": values, "rule": "by hand", "split": "official", "n_tracks": 0}
+    path = mf.save(tmp_path / "model.safetensors")
+    prediction = Tagger.load(path, device="cpu").predict(REAL_MP3)
+    expected = sorted(["Jazz", "Death-Metal"], key=lambda g: -p[genres.index(g)])
+    assert prediction.chosen() == expected
+    assert prediction.chosen(with_parents=True) == [*expected, "Metal", "Rock"]
+    assert main(["predict", str(path), str(REAL_MP3), "--format", "json", "--with-parents"]) == 0
+    (record,) = json.loads(capsys.readouterr().out)
+    assert record["chosen"] == [*expected, "Metal", "Rock"] and len(record["genres"]) == 4
+    assert main(["predict", str(path), str(REAL_MP3), "--threshold", "0"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert all(re.fullmatch(r"   [01]\.\d{3} \* \S+", line) for line in lines[1:5]), lines
+    assert lines[5] == "  chosen: " + ", ".join(g for g, _ in prediction.top(4))
+    assert main(["predict", str(path), str(REAL_MP3), "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert {r["genre"]: r["chosen"] for r in rows} == {"Jazz": "1", "Rock": "0", "Metal": "0", "Death-Metal": "1"}

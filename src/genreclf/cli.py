@@ -60,6 +60,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a probability between 0 and 1, not {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a probability between 0 and 1, not {value}")
+    return value
+
+
 # --- commands -------------------------------------------------------------------------------
 
 
@@ -193,6 +203,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from genreclf.predict import Tagger
 
     tagger = Tagger.load(args.model, crop=args.crop, n_crops=args.crops)
+    _check_decisions(tagger, args)
     records, failed = [], 0
     for source in args.inputs:
         try:
@@ -206,9 +217,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
             failed += 1
         for path in files:
             try:
-                top = tagger.predict(path).top(args.top)
+                prediction = tagger.predict(path)
+                top = prediction.top(args.top)
                 records.append(
-                    {"file": str(path), "genres": [{"genre": g, "probability": round(p, 4)} for g, p in top]}
+                    {
+                        "file": str(path),
+                        "genres": [{"genre": g, "probability": round(p, 4)} for g, p in top],
+                        **_decision_fields(prediction, args),
+                    }
                 )
             except GenreclfError as e:
                 records.append({"file": str(path), "error": str(e)})
@@ -219,22 +235,72 @@ def cmd_predict(args: argparse.Namespace) -> int:
         import csv
 
         writer = csv.writer(sys.stdout)
-        writer.writerow(["file", "rank", "genre", "probability", "error"])
+        writer.writerow(["file", "rank", "genre", "probability", "chosen", "error"])
         for r in records:
             for rank, g in enumerate(r.get("genres", []), 1):
-                writer.writerow([r["file"], rank, g["genre"], g["probability"], ""])
+                writer.writerow([r["file"], rank, g["genre"], g["probability"], _chosen_mark(r, g, "1", "0", ""), ""])
             if "error" in r:
-                writer.writerow([r["file"], "", "", "", r["error"]])
+                writer.writerow([r["file"], "", "", "", "", r["error"]])
     else:
         for r in records:
             print(r["file"])
             if "error" in r:
                 print(f"  error: {r['error']}")
             for g in r.get("genres", []):
-                print(f"  {g['probability']:6.3f}  {g['genre']}")
+                print(f"  {g['probability']:6.3f} {_chosen_mark(r, g, '*', ' ', ' ')} {g['genre']}")
+            if r.get("chosen") is not None:
+                print(f"  chosen: {', '.join(r['chosen']) or '(none)'}")
     if failed:
         print(f"genreclf: {failed} input(s) could not be tagged (see the errors above)", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _check_decisions(tagger: Any, args: argparse.Namespace) -> None:
+    """Refuse --with-parents for a model without a genre tree; warn once when no genre can be chosen."""
+    if args.threshold is None and tagger.decision.thresholds is None:
+        log.warning(
+            "%s has no per-genre thresholds, so no genres are chosen: run `genreclf calibrate` on it "
+            "once, or give --threshold",
+            args.model,
+        )
+    elif args.with_parents and tagger.decision.parents is None:
+        raise GenreclfError(
+            f"{args.model} does not store the genre tree that --with-parents needs: run "
+            "`genreclf calibrate` on it once to add it"
+        )
+
+
+def _decision_fields(prediction: Any, args: argparse.Namespace) -> dict:
+    """Return a record's "chosen" genres: None where the model has no thresholds and no --threshold is given."""
+    decision = prediction.decision
+    if args.threshold is None and (decision is None or decision.thresholds is None):
+        return {"chosen": None}
+    return {"chosen": prediction.chosen(args.threshold, args.with_parents)}
+
+
+def _chosen_mark(record: dict, genre: dict, yes: str, no: str, unknown: str) -> str:
+    """Return how a ranked genre of a record is marked: chosen, not chosen, or no decision."""
+    if record.get("chosen") is None:
+        return unknown
+    return yes if genre["genre"] in record["chosen"] else no
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from genreclf.calibrate import calibrate, describe
+
+    record = calibrate(
+        args.model,
+        args.store,
+        split=args.split,
+        seed=args.seed,
+        crop=args.crop,
+        n_crops=args.crops,
+        min_positives=args.min_positives,
+        progress=not args.quiet,
+    )
+    path = Path(args.model) / "model.safetensors" if Path(args.model).is_dir() else Path(args.model)
+    print(f"thresholds written to {path}: {describe(record)}")
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -614,7 +680,55 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=["table", "json", "csv"], default="table", help="output format")
     p.add_argument("--crop", type=_positive_int, default=_default(Tagger, "crop"), help="crop length in frames")
     p.add_argument("--crops", type=_positive_int, default=_default(Tagger, "n_crops"), help="crops per 30-s window")
+    p.add_argument(
+        "--threshold",
+        type=_probability,
+        default=_default(Prediction.chosen, "threshold"),
+        help="choose the genres with a probability >= this (default: the model's per-genre thresholds)",
+    )
+    p.add_argument(
+        "--with-parents",
+        action="store_true",
+        help="add the ancestors of each chosen genre from genres.csv (Metal brings Rock)",
+    )
     p.set_defaults(func=cmd_predict)
+
+
+def _add_calibrate(p: argparse.ArgumentParser) -> None:
+    from genreclf.calibrate import calibrate
+
+    p.description = (
+        "Choose a model's per-genre decision thresholds on the validation split of a store and write them into "
+        "its model file (weights and other metadata kept), as `genreclf train` does when a run ends: for models "
+        "trained before thresholds existed, or to choose them again. Each genre's threshold maximises its F1 on "
+        "the validation tracks; a genre with fewer than --min-positives validation positives takes the threshold "
+        "maximising F1 over all (track, genre) pairs."
+    )
+    p.add_argument("model", help="model.safetensors (or the run folder holding it)")
+    p.add_argument("--store", type=Path, required=True, help="feature store whose validation split to use")
+    _add_split(
+        p,
+        _default(calibrate, "split"),
+        help_text="which split's validation part (default: the one the model was trained on)",
+        hint="thresholds are always chosen on the validation part",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=_default(calibrate, "seed"),
+        help="seed of the reference split (default: the model's training seed)",
+    )
+    p.add_argument("--crop", type=_positive_int, default=_default(calibrate, "crop"), help="crop length in frames")
+    p.add_argument(
+        "--crops", type=_positive_int, default=_default(calibrate, "n_crops"), help="evenly spaced crops per track"
+    )
+    p.add_argument(
+        "--min-positives",
+        type=_positive_int,
+        default=_default(calibrate, "min_positives"),
+        help="genres with fewer validation positives take the global threshold",
+    )
+    p.set_defaults(func=cmd_calibrate)
 
 
 def _add_report(p: argparse.ArgumentParser) -> None:
@@ -682,7 +796,8 @@ COMMANDS: tuple[tuple[str, str, Callable[[argparse.ArgumentParser], None]], ...]
     ("train", "train a GRU or Transformer tagger on a feature store", _add_train),
     ("pretrain", "masked-frame pretraining of the Transformer encoder", _add_pretrain),
     ("evaluate", "score a trained model on a split of a store", _add_evaluate),
-    ("predict", "print the top genres of audio files", _add_predict),
+    ("calibrate", "choose a model's per-genre decision thresholds on the validation split", _add_calibrate),
+    ("predict", "print the top genres of audio files and the genres chosen", _add_predict),
     ("report", "compare trained runs: metrics with confidence intervals, figures", _add_report),
     ("demo", "the whole pipeline on a generated corpus, in a few minutes", _add_demo),
 )

@@ -1,5 +1,6 @@
 """The model file: one .safetensors file with the weights and, in its metadata, everything
-needed to use them (model config, genre vocabulary, signal settings, training provenance).
+needed to use them (model config, genre vocabulary and tree, signal settings, training provenance,
+and the per-genre decision thresholds chosen on the validation split).
 
 Loading never unpickles, and refuses a file made for other audio settings.
 """
@@ -44,6 +45,8 @@ class ModelFile:
     signal: SignalConfig = field(default_factory=SignalConfig)
     genre_top_level: list[int] = field(default_factory=list)  # root genre id of each genre
     provenance: dict = field(default_factory=dict)  # store, split, epochs, losses, versions, date
+    genre_parents: list[int] = field(default_factory=list)  # parent genre id of each genre, 0 for a root
+    thresholds: dict | None = None  # per-genre decision thresholds (genreclf.calibrate); None before calibration
 
     def save(self, path: str | Path) -> Path:
         """Write the model file atomically; return its path."""
@@ -57,6 +60,10 @@ class ModelFile:
             "signal": json.dumps(self.signal.to_dict()),
             "provenance": json.dumps(self.provenance, default=str),
         }
+        if self.genre_parents:
+            meta["genre_parents"] = json.dumps([int(g) for g in self.genre_parents])
+        if self.thresholds is not None:
+            meta["thresholds"] = json.dumps(self.thresholds)
         return save_tensors(path, self.model.state_dict(), meta)
 
     @classmethod
@@ -84,6 +91,9 @@ class ModelFile:
             signal = SignalConfig.from_dict(json.loads(meta["signal"]))
             config = config_from_dict(json.loads(meta["config"]))
             genres, genre_ids = json.loads(meta["genres"]), json.loads(meta["genre_ids"])
+            # Both are absent from files written before decisions: such a file loads, and predicts.
+            genre_parents = json.loads(meta.get("genre_parents", "[]"))
+            thresholds = json.loads(meta["thresholds"]) if "thresholds" in meta else None
         except (KeyError, TypeError, ValueError) as e:
             raise GenreclfError(
                 f"{path}: damaged genreclf model metadata ({type(e).__name__}: {first_line(e, 80)}); "
@@ -94,6 +104,14 @@ class ModelFile:
             raise GenreclfError(
                 f"{path}: {len(genres)} genre names and {len(genre_ids)} ids for a model of "
                 f"{config.n_genres} genres; the file is damaged, use one written by `genreclf train`"
+            )
+        if len(genre_parents) not in (0, len(genres)) or (
+            thresholds is not None
+            and (not isinstance(thresholds, dict) or len(thresholds.get("values") or ()) != len(genres))
+        ):
+            raise GenreclfError(
+                f"{path}: genre parents or thresholds do not match its {len(genres)} genres; the file is "
+                "damaged, run `genreclf calibrate` on it again or use one written by `genreclf train`"
             )
         model = model_from_config(config)
         try:
@@ -109,4 +127,17 @@ class ModelFile:
             signal=signal,
             genre_top_level=json.loads(meta.get("genre_top_level", "[]")),
             provenance=json.loads(meta.get("provenance", "{}")),
+            genre_parents=genre_parents,
+            thresholds=thresholds,
         )
+
+
+def update_metadata(path: str | Path, entries: dict[str, str]) -> Path:
+    """Rewrite a model file atomically with metadata `entries` set, keeping its tensors and other metadata."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        meta = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    return save_tensors(path, tensors, {**meta, **entries})

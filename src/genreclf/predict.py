@@ -18,6 +18,7 @@ import torch
 from genreclf import audio
 from genreclf.audio import N_FRAMES, N_SAMPLES, SAMPLE_RATE
 from genreclf.data import crop_starts
+from genreclf.decide import Decision
 from genreclf.errors import GenreclfError
 from genreclf.mel import log_mel_batch, valid_frames
 from genreclf.modelfile import ModelFile
@@ -61,11 +62,20 @@ class Prediction:
     source: str  # file path, or "<waveform>"
     genres: list[str]  # vocabulary order
     probabilities: np.ndarray  # (genres,) float
+    decision: Decision | None = None  # the model's thresholds and genre tree, for `chosen`
 
     def top(self, k: int = 5) -> list[tuple[str, float]]:
         """Return the k most probable (genre, probability) pairs, most probable first."""
         order = np.argsort(-self.probabilities, kind="stable")[:k]
         return [(self.genres[i], float(self.probabilities[i])) for i in order]
+
+    def chosen(self, threshold: float | None = None, with_parents: bool = False) -> list[str]:
+        """Return the genres whose probability is >= their threshold (or `threshold`), most probable first.
+
+        with_parents adds the ancestors of each chosen genre (Metal brings Rock), after the chosen ones.
+        """
+        columns = (self.decision or Decision()).chosen(self.probabilities, threshold, with_parents)
+        return [self.genres[c] for c in columns]
 
 
 class Tagger:
@@ -81,6 +91,7 @@ class Tagger:
         self.file = model_file
         self.model = model_file.model.to(device).eval()
         self.genres = model_file.genres
+        self.decision = Decision.of(model_file.genre_ids, model_file.genre_parents, model_file.thresholds)
         self.device = torch.device(device)
         self.crop, self.n_crops = crop, n_crops
 
@@ -100,10 +111,11 @@ class Tagger:
                 raise GenreclfError("a waveform must be a non-empty 1-D array (mono)")
             if not np.isfinite(source).all():
                 raise GenreclfError("the waveform holds NaN or infinite samples; clean it (np.nan_to_num) first")
-            return Prediction("<waveform>", self.genres, self.probabilities(audio.resample(source, sample_rate)))
+            probabilities = self.probabilities(audio.resample(source, sample_rate))
+            return Prediction("<waveform>", self.genres, probabilities, decision=self.decision)
         # Decoded window by window: memory stays at a few windows however long the file is.
         windows = audio.stream(source, block_seconds=N_SAMPLES / SAMPLE_RATE)
-        return Prediction(str(source), self.genres, self._score_windows(windows))
+        return Prediction(str(source), self.genres, self._score_windows(windows), decision=self.decision)
 
     def probabilities(self, wave: np.ndarray, windows_per_batch: int = 8) -> np.ndarray:
         """Return genre probabilities of a mono 16-kHz waveform of any length."""

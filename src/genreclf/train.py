@@ -2,7 +2,8 @@
 
 A run folder holds everything a run made:
 
-    RUN/model.safetensors       the best model by validation loss (never chosen on the test split)
+    RUN/model.safetensors       the best model by validation loss (never chosen on the test split), with
+                                per-genre decision thresholds chosen on the validation split
     RUN/train.json              what was trained on what, parameters, epochs, losses, time
     RUN/settings.json           the settings a resume must repeat (split, seed, crops, optimiser, store)
     RUN/logs/metrics.csv        train_loss, val_loss and lr per epoch (TensorBoard too, if installed)
@@ -33,6 +34,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from genreclf import __version__
 from genreclf.atomic import atomic_write_text
+from genreclf.calibrate import describe, validation_thresholds
 from genreclf.config import FitConfig, PretrainConfig, TrainConfig
 from genreclf.data import CropBatchSampler, EvenCropSampler, loader, split_positions
 from genreclf.errors import GenreclfError, first_line
@@ -331,7 +333,8 @@ def train(
 ) -> RunResult:
     """Train a GRU or Transformer tagger on the store's training split; return the run's result.
 
-    The best epoch by validation loss becomes RUN/model.safetensors. `callbacks` are extra
+    The best epoch by validation loss becomes RUN/model.safetensors, with per-genre decision thresholds
+    chosen on the validation split (genreclf.calibrate). `callbacks` are extra
     Lightning callbacks (to watch a run); the progress bar is shown on a terminal only.
     """
     t0 = time.perf_counter()
@@ -365,6 +368,7 @@ def train(
         "train_config": dataclasses.asdict(optim),
         "train_seconds": seconds,
     }
+    thresholds = _thresholds(best.model, store, fit, progress)
     model_path = ModelFile(
         model=best.model,
         config=model_cfg,
@@ -373,9 +377,23 @@ def train(
         signal=store.signal,
         genre_top_level=list(store.header.genre_top_level),
         provenance=_provenance(store, fit, counts, extra),
+        genre_parents=list(store.header.genre_parents),
+        thresholds=thresholds,
     ).save(model_path)
     atomic_write_text(run_dir / "train.json", json.dumps({"model": fit.model, **extra}, indent=1))
     return RunResult(run_dir, model_path, params, trainer.current_epoch, best_val, seconds)
+
+
+def _thresholds(model: torch.nn.Module, store: FeatureStore, fit: FitConfig, progress: bool) -> dict:
+    """Return the best model's per-genre decision thresholds, chosen on the run's validation split."""
+    device = "cuda" if torch.cuda.is_available() and fit.accelerator != "cpu" else "cpu"
+    was = next(model.parameters()).device
+    try:
+        record = validation_thresholds(model.to(device), store, fit.split, fit.seed, progress=progress)
+    finally:
+        model.to(was)
+    log.info("decision thresholds: %s", describe(record))
+    return record
 
 
 def pretrain(
