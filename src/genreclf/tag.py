@@ -50,6 +50,8 @@ def _open(path: Path):
         raise GenreclfError(f"{path}: not a file")
     try:
         f = mutagen.File(path)
+    except PermissionError as e:
+        raise GenreclfError(f"{path}: cannot be opened ({e.strerror}); check its permissions") from None
     except (mutagen.MutagenError, OSError, ValueError, EOFError) as e:  # mutagen's corrupt-file errors vary
         raise GenreclfError(f"{path}: cannot read its tags ({e}); the file is corrupt or not audio") from None
     if f is None:
