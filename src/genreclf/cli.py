@@ -303,6 +303,110 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _genres_to_write(prediction, args: argparse.Namespace) -> list[str]:
+    """Return the genres `genreclf tag` writes for one file's prediction: the one place this is decided.
+
+    The genres the model chooses (its per-genre thresholds, or one --threshold for all), with their
+    ancestors under --with-parents; at most --top of them, most probable first.
+    """
+    return prediction.chosen(args.threshold, args.with_parents)[: args.top]
+
+
+def _show_genres(genres: list[str], separator: str) -> str:
+    return separator.join(genres) if genres else "(no genre)"
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    from contextlib import nullcontext
+    from dataclasses import replace
+
+    from genreclf import tag
+
+    if args.undo is not None:
+        if args.model is not None or args.write or args.undo_log is not None:
+            return fatal("--undo LOG takes nothing else: `genreclf tag --undo LOG`")
+        return _undo_tags(args)
+    if args.model is None or not args.paths:
+        return fatal("give a model and audio files or folders (`genreclf tag MODEL PATHS...`), or --undo LOG")
+
+    from genreclf import audio
+    from genreclf.predict import Tagger
+
+    tagger = Tagger.load(args.model, crop=args.crop, n_crops=args.crops)
+    if args.threshold is None and tagger.decision.thresholds is None:
+        return fatal(
+            f"{args.model} has no per-genre thresholds: run `genreclf calibrate` on it once, or give --threshold"
+        )
+    if args.with_parents and tagger.decision.parents is None:
+        return fatal(f"{args.model} does not store the genre tree --with-parents needs: run `genreclf calibrate` once")
+    files, failed, changed, total = [], 0, 0, 0
+    for source in args.paths:
+        try:
+            found = audio.find_audio_files(source)
+        except GenreclfError as e:
+            print(f"error: {e}")
+            failed += 1
+            continue
+        if not found:
+            print(f"error: {source}: no audio files found in this folder")
+            failed += 1
+        files += found
+    undo_log = tag.UndoLog(args.undo_log) if args.write and args.undo_log is not None else None
+    with undo_log or nullcontext():
+        for path in files:
+            total += 1
+            try:
+                tag.read_genres(path, args.separator)  # a file that cannot be tagged fails before it is decoded
+                wave = audio.load(path)
+                if audio.is_silent(wave):
+                    log.warning("%s: silent (RMS below %g dBFS); not tagged", path, audio.SILENCE_DBFS)
+                    continue
+                prediction = replace(tagger.predict(wave), source=str(path))
+                change = tag.plan(path, _genres_to_write(prediction, args), args.mode, args.separator)
+                if args.write:
+                    tag.apply(change, args.separator, undo_log)
+            except (GenreclfError, OSError) as e:
+                reason = e if isinstance(e, GenreclfError) else f"{path}: {e.strerror or e}"
+                print(f"error: {reason}")
+                failed += 1
+                continue
+            old, new = _show_genres(change.old, args.separator), _show_genres(change.new, args.separator)
+            if change.changed:
+                changed += 1
+                print(f"{path}: {old} -> {new}" + ("" if args.write else " (dry run)"))
+            else:
+                print(f"{path}: {old} (unchanged)")
+    if args.write:
+        undo = f"; undo with `genreclf tag --undo {args.undo_log}`" if args.undo_log is not None and changed else ""
+        print(f"genreclf: tagged {changed} of {total} file(s){undo}", file=sys.stderr)
+    else:
+        print(
+            f"genreclf: dry run, nothing written: {changed} of {total} file(s) would change; add --write to tag them",
+            file=sys.stderr,
+        )
+    if failed:
+        print(f"genreclf: {failed} input(s) could not be tagged (see the errors above)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _undo_tags(args: argparse.Namespace) -> int:
+    from genreclf import tag
+
+    problems = 0
+    for result in tag.undo(args.undo, args.separator):
+        genres = _show_genres(result.genres, args.separator)
+        if result.status == "error":
+            print(f"error: {result.message}")
+        elif result.status == "changed since":
+            print(f"{result.path}: skipped, its genres were changed since the log was written (now {genres})")
+        else:
+            print(f"{result.path}: {genres} ({result.status})")
+        problems += result.status in ("error", "changed since")
+    if problems:
+        print(f"genreclf: {problems} file(s) were not restored (see above)", file=sys.stderr)
+    return 1 if problems else 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from genreclf.report import build_report
 
@@ -731,6 +835,58 @@ def _add_calibrate(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_calibrate)
 
 
+def _add_tag(p: argparse.ArgumentParser) -> None:
+    from genreclf import tag
+    from genreclf.predict import Tagger
+
+    p.usage = "genreclf tag MODEL PATHS... [--write] [--mode MODE] [options]\n       genreclf tag --undo LOG"
+    p.description = (
+        "Write predicted genres into the audio files' own tags: ID3v2.4 TCON for MP3 (one value per genre), "
+        "GENRE Vorbis comments for FLAC, Ogg Vorbis and Opus (one per genre), and one ©gen value for M4A with the "
+        "genres joined by --separator (players read only the first of several). A dry run by default: each file's "
+        "old and new genres are printed and nothing is written; --write writes them. Only the tags change, never "
+        "the audio; each file is rewritten through a copy renamed over it (a crash leaves the old file or the new "
+        "one) and keeps its permissions and times. The genres written are those the model chooses with its "
+        "per-genre thresholds (or one --threshold for all), at most --top. "
+        "Silent files are skipped with a warning; a file that cannot be tagged (unreadable, not audio, WAV and "
+        "other formats without a genre tag) gets an error line, the others are still tagged, and the exit status "
+        "is 1. `--undo LOG` puts back the genres an --undo-log recorded, except on files whose genres were changed "
+        "since (those are skipped, listed, and make the exit status 1)."
+    )
+    p.add_argument("model", nargs="?", help="model.safetensors (or the run folder holding it)")
+    p.add_argument("paths", nargs="*", type=Path, metavar="PATHS", help="audio files or folders (walked for audio)")
+    p.add_argument("--write", action="store_true", help="write the tags (default: a dry run that changes nothing)")
+    p.add_argument(
+        "--mode",
+        choices=tag.MODES,
+        default="fill",
+        help="fill: only files without a genre; replace: overwrite their genres; append: add the missing ones",
+    )
+    p.add_argument("--separator", default=tag.SEPARATOR, help="joins genres in M4A's single genre value")
+    p.add_argument("--top", type=_positive_int, default=3, help="at most this many genres per file")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="one threshold for every genre instead of the model's per-genre ones (needed for a model "
+        "without thresholds: see `genreclf calibrate`)",
+    )
+    p.add_argument("--with-parents", action="store_true", help="also write each chosen genre's ancestors")
+    p.add_argument(
+        "--undo-log",
+        type=Path,
+        default=None,
+        metavar="LOG",
+        help="with --write, append each file's old and new genres to this JSON Lines file before changing it",
+    )
+    p.add_argument(
+        "--undo", type=Path, default=None, metavar="LOG", help="restore the genres recorded in LOG, newest first"
+    )
+    p.add_argument("--crop", type=_positive_int, default=_default(Tagger, "crop"), help="crop length in frames")
+    p.add_argument("--crops", type=_positive_int, default=_default(Tagger, "n_crops"), help="crops per 30-s window")
+    p.set_defaults(func=cmd_tag)
+
+
 def _add_report(p: argparse.ArgumentParser) -> None:
     from genreclf.report import build_report
 
@@ -798,6 +954,7 @@ COMMANDS: tuple[tuple[str, str, Callable[[argparse.ArgumentParser], None]], ...]
     ("evaluate", "score a trained model on a split of a store", _add_evaluate),
     ("calibrate", "choose a model's per-genre decision thresholds on the validation split", _add_calibrate),
     ("predict", "print the top genres of audio files and the genres chosen", _add_predict),
+    ("tag", "write chosen genres into the files' own tags (dry run unless --write)", _add_tag),
     ("report", "compare trained runs: metrics with confidence intervals, figures", _add_report),
     ("demo", "the whole pipeline on a generated corpus, in a few minutes", _add_demo),
 )
