@@ -117,6 +117,25 @@ def test_killed_run_resumes_to_the_same_store(corpus, store_dir, tmp_path):
         np.testing.assert_array_equal(resumed.item(i), plain.item(i))
 
 
+def test_ctrl_c_stops_featurize_with_one_line_and_it_resumes(corpus, store_dir, tmp_path):
+    out = tmp_path / "store"
+    cmd = [sys.executable, "-m", "genreclf", "featurize", "--data", str(corpus), "--out", str(out), "--workers", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    state = out / "part-0-of-1" / "state.npy"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (state.exists() and (np.load(state) != 0).sum() >= 3):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the parent and its workers get it
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "interrupted; run the same command again" in err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err  # workers leave it to the parent
+    result = featurize(corpus, out, workers=2, progress=False)
+    assert result.complete and result.done == 30
+    for i in range(len(FeatureStore.open(store_dir))):
+        np.testing.assert_array_equal(FeatureStore.open(out).item(i), FeatureStore.open(store_dir).item(i))
+
+
 def test_reusing_a_store_with_other_options_is_refused(corpus, store_dir):
     with pytest.raises(GenreclfError, match="other options"):
         featurize(corpus, store_dir, labels="genres_all", progress=False)

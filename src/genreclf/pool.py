@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing as mp
+import signal
 import time
 from collections import deque
 from collections.abc import Callable
@@ -30,6 +31,8 @@ _READY = "ready"
 
 def _worker_main(conn: Connection, work: Callable, init: Callable | None) -> None:
     """Run jobs received on `conn` and send back (index, result) for each, in order."""
+    # Ctrl-C reaches the whole process group: the parent handles it (and stops us); no tracebacks from here.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if init is not None:
         init()
     conn.send(_READY)
