@@ -47,14 +47,17 @@ def _worker_main(conn: Connection, work: Callable, init: Callable | None) -> Non
             return
         if chunk is None:
             return
-        for index, job in chunk:
-            result = work(job)
-            if isinstance(result, GeneratorType):
-                for item in result:
-                    conn.send((index, (item,), False))
-                conn.send((index, (), True))
-            else:
-                conn.send((index, (result,), True))
+        try:
+            for index, job in chunk:
+                result = work(job)
+                if isinstance(result, GeneratorType):
+                    for item in result:
+                        conn.send((index, (item,), False))
+                    conn.send((index, (), True))
+                else:
+                    conn.send((index, (result,), True))
+        except (BrokenPipeError, ConnectionResetError):  # the parent is gone (killed): nobody to answer
+            return
 
 
 @dataclass
