@@ -160,19 +160,21 @@ def find_inputs(paths: Iterable[str | Path]) -> tuple[list[Path], list[tuple[str
 class _Batcher:
     """Windows of many files scored together in batches; per-file frame-weighted sums of probabilities."""
 
-    def __init__(self, tagger: Tagger, size: int):
+    def __init__(self, tagger: Tagger, size: int, threads: int | None = None):
         self.tagger, self.size = tagger, size
+        self.threads = threads  # torch threads while scoring (None: as they are)
         self.features = np.empty((size, N_FRAMES, N_MELS), np.float32)  # one batch buffer: memory bounded
         self.owners: list[int] = []  # the file of each row
         self.valid: list[int] = []
         self.sums: dict[int, tuple[torch.Tensor, int]] = {}  # file -> (sum of frames x probabilities, frames)
+        self.limit = 1  # the first batch is one window, then twice as many each time up to `size`: a quick first result
 
     def add(self, owner: int, features: np.ndarray, valid: int) -> bool:
         """Queue one window; score the batch once it is full. Returns True when it scored."""
         self.features[len(self.owners)] = features
         self.owners.append(owner)
         self.valid.append(valid)
-        if len(self.owners) < self.size:
+        if len(self.owners) < self.limit:
             return False
         self.flush()
         return True
@@ -184,13 +186,20 @@ class _Batcher:
         t = self.tagger
         x = torch.from_numpy(self.features[: len(self.owners)]).to(t.device)
         v = torch.tensor(self.valid, device=t.device)
-        weighted = v.float()[:, None] * score_features(t.model, x, v, t.crop, t.n_crops)
+        before = torch.get_num_threads()
+        if self.threads is not None:  # restored below: the caller's setting is not ours to keep
+            torch.set_num_threads(self.threads)
+        try:
+            weighted = v.float()[:, None] * score_features(t.model, x, v, t.crop, t.n_crops)
+        finally:
+            torch.set_num_threads(before)
         owners = torch.tensor(self.owners, device=t.device)
         for owner in dict.fromkeys(self.owners):
             rows = owners == owner
             total, frames = self.sums.get(owner, (0.0, 0))
             self.sums[owner] = (total + weighted[rows].sum(0), frames + int(v[rows].sum()))
         self.owners, self.valid = [], []
+        self.limit = min(self.size, 2 * self.limit)
 
     def pending(self, owner: int) -> bool:
         """Return True while windows of `owner` wait in the batch."""
@@ -274,7 +283,12 @@ class Tagger:
             items = chain.from_iterable(map(_file_items, jobs))
         else:
             items = pool_imap(jobs, workers, _file_items, _failed_file, timeout, init=_worker_init)
-        batcher, ended = _Batcher(self, windows_per_batch), {}  # ended: file -> (error, level), windows pending
+        # Cores busy decoding are not the model's: spinning threads waiting on them made scoring 3-10x slower.
+        threads = max(1, torch.get_num_threads() - workers) if workers and self.device.type == "cpu" else None
+        batcher, ended = (
+            _Batcher(self, windows_per_batch, threads),
+            {},
+        )  # ended: file -> (error, level), windows pending
         for item in items:
             if item[1] == _WINDOW:
                 if batcher.add(item[0], item[2], item[3]):  # scored: the files that ended are done
