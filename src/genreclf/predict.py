@@ -16,6 +16,7 @@ pipe, whatever the number of files or their length.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from genreclf.featurize import CLIP_TIMEOUT, MIN_SECONDS, default_workers
 from genreclf.mel import log_mel, log_mel_batch, pad_or_trim, valid_frames
 from genreclf.modelfile import ModelFile
 from genreclf.pool import pool_imap
+
+log = logging.getLogger(__name__)
 
 CROP_FRAMES = 256  # the longest training crop
 N_CROPS = 8  # evenly spaced crops per 30-s window
@@ -118,24 +121,24 @@ _WINDOW, _END = "window", "end"
 
 
 def _file_items(job: tuple[int, str]) -> Iterator[tuple]:
-    """Worker: yield (i, "window", features, valid) per audible window, then (i, "end", error, level dBFS)."""
+    """Worker: yield (i, "window", features, valid) per audible window, then (i, "end", error, dBFS, details)."""
     i, path = job
     level = _Level()
     try:
         for features, valid in _file_windows(path, level):
             yield i, _WINDOW, features, valid
-    except GenreclfError as e:
-        yield i, _END, str(e), 0.0
+    except GenreclfError as e:  # the decoders' words travel with it: a worker's own logging is not set up
+        yield i, _END, str(e), 0.0, getattr(e, "details", "")
         return
     except Exception as e:  # a decoder bug on one odd file must not stop the others
-        yield i, _END, f"{path}: unexpected {type(e).__name__}: {first_line(e)}", 0.0
+        yield i, _END, f"{path}: unexpected {type(e).__name__}: {first_line(e)}", 0.0, str(e)
         return
-    yield i, _END, "", level.dbfs()
+    yield i, _END, "", level.dbfs(), ""
 
 
 def _failed_file(job: tuple[int, str], reason: str) -> tuple:
     """The end item of a file whose worker crashed or hung."""
-    return job[0], _END, f"{job[1]}: {reason}", 0.0
+    return job[0], _END, f"{job[1]}: {reason}", 0.0, ""
 
 
 def _worker_init() -> None:
@@ -295,7 +298,9 @@ class Tagger:
                     for i in list(ended):
                         yield self._ended(str(files[i]), batcher, i, *ended.pop(i))
                 continue
-            i, _, error, level = item
+            i, _, error, level, details = item
+            if details:
+                log.debug("%s: the decoders said: %s", files[i], details)
             if batcher.pending(i):  # its last windows are scored with the next batch
                 ended[i] = (error, level)
             else:
