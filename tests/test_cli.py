@@ -3,11 +3,13 @@
 import csv
 import io
 import json
+import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -87,7 +89,8 @@ def test_predict_json_with_a_bad_file(pipeline, real_mp3, tmp_path, capsys):
     bad = write_bad_files(tmp_path)["random"]
     code = main(["predict", str(pipeline / "transformer"), str(real_mp3), str(bad), "--format", "json", "--top", "3"])
     assert code == 1  # something failed, the rest was still tagged
-    records = json.loads(capsys.readouterr().out)
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]  # JSON Lines: one per file
+    records.sort(key=lambda r: r["file"] != str(real_mp3))  # in the order they finished
     assert [r["file"] for r in records] == [str(real_mp3), str(bad)]
     top = records[0]["genres"]
     assert len(top) == 3 and top[0]["probability"] >= top[1]["probability"] >= top[2]["probability"]
@@ -561,7 +564,7 @@ def test_predict_csv(pipeline, real_mp3, tmp_path, capsys):
     assert [(r[1], r[2], r[5]) for r in good] == [(str(k), g, "") for k, (g, _) in enumerate(top, 1)]
     np.testing.assert_allclose([float(r[3]) for r in good], [p for _, p in top], atol=5e-5)
     assert [r[4] for r in good] == ["1" if g in chosen else "0" for g, _ in top]
-    errors = rows[1 + len(good) :]
+    errors = sorted((r for r in rows[1:] if r[0] != str(real_mp3)), key=lambda r: inputs.index(r[0]))
     assert [r[0] for r in errors] == inputs[1:] and all(r[1:5] == ["", "", "", ""] for r in errors)
     assert "not a readable audio file" in errors[0][5] and "no audio files found" in errors[1][5]
     assert "2 input(s) could not be tagged" in err
@@ -570,22 +573,25 @@ def test_predict_csv(pipeline, real_mp3, tmp_path, capsys):
 def test_predict_table(pipeline, real_mp3, tmp_path, capsys):
     inputs = _predict_inputs(real_mp3, tmp_path)
     assert main(["predict", str(pipeline / "gru"), *inputs, "--top", "4"]) == 1
-    lines = capsys.readouterr().out.splitlines()
+    out = capsys.readouterr().out
+    blocks = {b.split("\n", 1)[0]: b.split("\n")[1:] for b in re.split(r"\n(?=\S)", out.rstrip("\n"))}
+    assert sorted(blocks) == sorted(inputs)  # each input once, in the order they finished
     prediction = Tagger.load(pipeline / "gru").predict(real_mp3)
     top, chosen = prediction.top(4), prediction.chosen()
-    assert lines[0] == str(real_mp3) and len(lines) == 1 + 4 + 1 + 2 * 2
-    for line, (genre, p) in zip(lines[1:5], top):
+    good = blocks[inputs[0]]
+    assert len(good) == 4 + 1
+    for line, (genre, p) in zip(good[:4], top, strict=True):
         assert re.fullmatch(r"   [01]\.\d{3} [* ] \S.*", line), line
         shown, name = line[:8], line[11:]
         assert name == genre and abs(float(shown) - p) <= 6e-4
         assert line[9] == ("*" if genre in chosen else " ")
-    assert lines[5] == "  chosen: " + (", ".join(chosen) or "(none)")
-    assert lines[6:] == [inputs[1], lines[7], inputs[2], lines[9]]
-    assert lines[7].startswith("  error: ") and "not a readable audio file" in lines[7]
-    assert lines[9].startswith("  error: ") and "no audio files found" in lines[9]
+    assert good[4] == "  chosen: " + (", ".join(chosen) or "(none)")
+    (bad,), (empty,) = blocks[inputs[1]], blocks[inputs[2]]
+    assert bad.startswith("  error: ") and "not a readable audio file" in bad
+    assert empty.startswith("  error: ") and "no audio files found" in empty
     assert main(["predict", str(pipeline / "gru"), str(real_mp3)]) == 0  # nothing failed
     out, err = capsys.readouterr()
-    assert out.splitlines()[0] == str(real_mp3) and len(out.splitlines()) == 7 and err == ""
+    assert out.splitlines()[0] == str(real_mp3) and len(out.splitlines()) == 7 and err == ""  # 5 genres, chosen
 
 
 def test_train_chooses_thresholds_on_the_validation_split(pipeline):
@@ -628,7 +634,7 @@ def test_calibrate_adds_thresholds_to_an_old_model_file(pipeline, real_mp3, tmp_
     mf = ModelFile.load(old)  # an old file still loads and predicts
     assert mf.thresholds is None and mf.genre_parents == []
     assert main(["predict", str(old), str(real_mp3), "--format", "json"]) == 0
-    assert json.loads(capsys.readouterr().out)[0]["chosen"] is None and "genreclf calibrate" in caplog.text
+    assert json.loads(capsys.readouterr().out)["chosen"] is None and "genreclf calibrate" in caplog.text
     assert main(["predict", str(old), str(real_mp3), "--threshold", "0.5", "--with-parents"]) == 2
     assert "genre tree" in capsys.readouterr().err
     assert main(["-q", "calibrate", str(old.parent), "--store", str(pipeline / "store")]) == 0
@@ -642,7 +648,7 @@ def test_calibrate_adds_thresholds_to_an_old_model_file(pipeline, real_mp3, tmp_
     values = json.loads(again["thresholds"])["values"]
     np.testing.assert_allclose(values, json.loads(meta["thresholds"])["values"], atol=1e-6)
     assert main(["predict", str(old), str(real_mp3), "--format", "json"]) == 0
-    assert json.loads(capsys.readouterr().out)[0]["chosen"] == Tagger.load(old).predict(real_mp3).chosen()
+    assert json.loads(capsys.readouterr().out)["chosen"] == Tagger.load(old).predict(real_mp3).chosen()
 
 
 def test_predict_chosen_genres_pass_their_thresholds(pipeline, real_mp3, capsys):
@@ -656,7 +662,7 @@ def test_predict_chosen_genres_pass_their_thresholds(pipeline, real_mp3, capsys)
 
     def chosen(*flags: str) -> list[str]:
         assert main(["predict", str(model), str(real_mp3), "--format", "json", *flags]) == 0
-        return json.loads(capsys.readouterr().out)[0]["chosen"]
+        return json.loads(capsys.readouterr().out)["chosen"]  # JSON Lines: one object per file
 
     assert chosen() == [g for g in by_probability if p[genres.index(g)] >= thresholds[genres.index(g)]]
     cut = float(np.sort(p)[-6])  # a global threshold: the six most probable pass
@@ -669,3 +675,65 @@ def test_predict_chosen_genres_pass_their_thresholds(pipeline, real_mp3, capsys)
     assert with_parents[:6] == by_probability[:6]
     ancestors = {name[a] for g in by_probability[:6] for a in tree.ancestors(ids[g])}
     assert set(with_parents[6:]) == ancestors - set(by_probability[:6]) and len(set(with_parents)) == len(with_parents)
+
+
+def _corpus_files(pipeline) -> list[str]:
+    return [str(p) for p in sorted((pipeline / "corpus" / "fma_large").rglob("*.mp3"))]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_predict_out_records_each_file_once_and_a_broken_one_sets_the_exit_status(pipeline, tmp_path, suffix, capsys):
+    files = _corpus_files(pipeline)[:5]
+    bad = str(write_bad_files(tmp_path / "bad")["truncated"])
+    out = tmp_path / f"results{suffix}"
+    args = ["predict", str(pipeline / "gru"), *files[:3], bad, *files[3:], "--out", str(out), "--top", "2"]
+    assert main([*args, "--workers", "2"]) == 1
+    assert "1 input(s) could not be tagged" in capsys.readouterr().err
+    tagger = Tagger.load(pipeline / "gru")
+    expected = {f: tagger.predict(f).top(2) for f in files}
+    if suffix == ".jsonl":
+        records = {r["file"]: r for r in map(json.loads, out.read_text().splitlines())}
+        assert sorted(records) == sorted([*files, bad])
+        assert set(records[bad]) == {"file", "error"} and "not a readable audio file" in records[bad]["error"]
+        for f in files:
+            assert [g["genre"] for g in records[f]["genres"]] == [g for g, _ in expected[f]]
+            np.testing.assert_allclose(
+                [g["probability"] for g in records[f]["genres"]], [p for _, p in expected[f]], atol=5e-5
+            )
+    else:
+        rows = list(csv.reader(io.StringIO(out.read_text())))
+        assert rows[0] == ["file", "rank", "genre", "probability", "chosen", "error"]
+        assert sorted(r[0] for r in rows[1:]) == sorted([*[f for f in files for _ in range(2)], bad])
+        (bad_row,) = [r for r in rows if r[0] == bad]
+        assert bad_row[1:5] == ["", "", "", ""] and "not a readable audio file" in bad_row[5]
+        for f in files:
+            assert [(r[1], r[2]) for r in rows if r[0] == f] == [(str(k), g) for k, (g, _) in enumerate(expected[f], 1)]
+    assert main(args) == 2  # the file exists: refused without --resume
+    assert "--resume" in capsys.readouterr().err
+    assert main([*args, "--resume"]) == 0  # all recorded (the error too): nothing left to do
+    assert capsys.readouterr().out == ""
+
+
+def test_predict_resume_after_a_killed_run_does_only_the_rest(pipeline, tmp_path, capsys):
+    files = _corpus_files(pipeline)
+    out = tmp_path / "results.jsonl"
+    command = [sys.executable, "-m", "genreclf", "-q", "predict", str(pipeline / "gru"), str(pipeline / "corpus")]
+    env = {**os.environ, "PYTHONPATH": str(Path(genreclf.__file__).parents[1])}  # this checkout's code
+    run = subprocess.Popen(
+        [*command, "--out", str(out), "--workers", "1", "--format", "json"], stdout=subprocess.PIPE, env=env
+    )
+    first = run.stdout.readline()  # a pipe sees the first record as soon as it is done
+    run.send_signal(signal.SIGKILL)
+    run.wait(timeout=30)
+    assert json.loads(first)["file"] in files
+    done = [json.loads(line)["file"] for line in out.read_text().splitlines()]
+    assert 1 <= len(done) < len(files)
+    todo = [f for f in files if f not in done]
+    with out.open("a") as f:  # as a kill in the middle of a write would leave it
+        f.write(json.dumps({"file": todo[0], "genres": []})[:20])
+    resume = ["predict", str(pipeline / "gru"), str(pipeline / "corpus"), "--out", str(out), "--resume"]
+    assert main([*resume, "--format", "json"]) == 0
+    resumed = [json.loads(line)["file"] for line in capsys.readouterr().out.splitlines()]
+    assert sorted(resumed) == todo  # only the rest, the half-written one included
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["file"] for r in records) == files and all(len(r["genres"]) == 5 for r in records)

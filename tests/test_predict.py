@@ -167,7 +167,7 @@ def test_predict_chooses_by_the_model_thresholds_and_adds_ancestors(tmp_path, ca
     assert prediction.chosen() == expected
     assert prediction.chosen(with_parents=True) == [*expected, "Metal", "Rock"]
     assert main(["predict", str(path), str(REAL_MP3), "--format", "json", "--with-parents"]) == 0
-    (record,) = json.loads(capsys.readouterr().out)
+    record = json.loads(capsys.readouterr().out)  # JSON Lines: one object per file
     assert record["chosen"] == [*expected, "Metal", "Rock"] and len(record["genres"]) == 4
     assert main(["predict", str(path), str(REAL_MP3), "--threshold", "0"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -176,3 +176,82 @@ def test_predict_chooses_by_the_model_thresholds_and_adds_ancestors(tmp_path, ca
     assert main(["predict", str(path), str(REAL_MP3), "--format", "csv"]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert {r["genre"]: r["chosen"] for r in rows} == {"Jazz": "1", "Rock": "0", "Metal": "0", "Death-Metal": "1"}
+
+
+def _write(path: Path, wave: np.ndarray, rate: int = SAMPLE_RATE) -> Path:
+    sf.write(path, wave, rate, subtype="FLOAT")  # float: a -75 dBFS level survives the file
+    return path
+
+
+def test_predict_many_equals_predicting_each_file_and_goes_on_past_bad_ones(model_path, tmp_path):
+    from conftest import write_mp3
+
+    folder = tmp_path / "music"
+    shorts = [write_mp3(folder / "sub" / f"{k}.mp3", seconds=2.0 + k, seed=k) for k in range(5)]
+    rng = np.random.default_rng(3)
+    long = _write(folder / "long.wav", 0.1 * rng.standard_normal(70 * 44100).astype(np.float32), 44100)
+    bad = write_bad_files(tmp_path / "bad")["random"]
+    tagger = Tagger.load(model_path, device="cpu", n_crops=2)
+    expected = {str(p): tagger.predict(p).probabilities for p in [REAL_MP3, long, *shorts]}
+    for workers, per_batch in ((2, 4), (0, 3)):  # 4 or 3 windows a batch: files share batches, long spans them
+        results = list(tagger.predict_many([REAL_MP3, folder, bad], workers=workers, windows_per_batch=per_batch))
+        assert sorted(r.source for r in results) == sorted([*expected, str(bad)])  # each file exactly once
+        for r in results:
+            if r.source == str(bad):
+                assert "not a readable audio file" in r.error and r.top() == []
+            else:
+                assert r.error == "" and r.warning == ""
+                np.testing.assert_allclose(r.probabilities, expected[r.source], rtol=0, atol=1e-6)
+    assert np.ptp(expected[str(long)]) > 0 and np.abs(expected[str(long)] - expected[str(REAL_MP3)]).max() > 1e-3
+
+
+def test_silent_audio_gets_no_genres_and_silent_windows_are_skipped(model_path, tmp_path):
+    rng = np.random.default_rng(8)
+    music = 0.1 * rng.standard_normal(30 * SAMPLE_RATE).astype(np.float32)
+    near_silent = 10 ** (-75 / 20) * rng.standard_normal(5 * SAMPLE_RATE).astype(np.float32)
+    files = {
+        "digital": _write(tmp_path / "digital.wav", np.zeros(5 * SAMPLE_RATE, np.float32)),
+        "near": _write(tmp_path / "near.wav", near_silent),
+        "music": _write(tmp_path / "music.wav", music),
+        "then_silence": _write(tmp_path / "then_silence.wav", np.concatenate([music, np.zeros(60 * SAMPLE_RATE)])),
+    }
+    tagger = Tagger.load(model_path, device="cpu", n_crops=2)
+    results = {Path(r.source).stem: r for r in tagger.predict_many(files.values(), workers=1)}
+    assert results["digital"].warning == "silent audio (RMS level -inf dBFS < -60 dBFS): not tagged"
+    assert results["near"].warning == "silent audio (RMS level -75 dBFS < -60 dBFS): not tagged"
+    for kind in ("digital", "near"):
+        assert results[kind].top() == [] and results[kind].error == ""
+        assert tagger.predict(files[kind]).warning == results[kind].warning  # one file at a time: the same
+    # 60 s of silence after the music: scored on the music alone, not diluted by two silent windows.
+    np.testing.assert_allclose(
+        results["then_silence"].probabilities, tagger.predict(files["music"]).probabilities, rtol=0, atol=1e-6
+    )
+    assert results["then_silence"].warning == "" and len(results["then_silence"].top(3)) == 3
+
+
+def test_files_shorter_than_featurizes_minimum_are_errors(model_path, tmp_path):
+    from conftest import write_mp3
+
+    short = _write(tmp_path / "short.wav", 0.1 * np.ones(SAMPLE_RATE // 5, np.float32))
+    truncated = tmp_path / "truncated.mp3"  # its header says 30 s; 2 kB of it decode to 0.05 s
+    truncated.write_bytes(write_mp3(tmp_path / "whole.mp3", seconds=30.0).read_bytes()[:2000])
+    tagger = Tagger.load(model_path, device="cpu")
+    results = {r.source: r for r in tagger.predict_many([short, truncated], workers=2)}
+    assert results[str(short)].error == f"{short}: too short (0.20 s < 1.0 s)"
+    assert results[str(truncated)].error == f"{truncated}: too short (0.05 s < 1.0 s)"
+    with pytest.raises(AudioError, match=r"too short \(0.20 s < 1.0 s\)"):
+        tagger.predict(short)
+
+
+def test_predict_many_holds_a_few_windows_not_the_file(model_path, tmp_path):
+    rate, minutes = 44100, 10
+    path = write_long_wav(tmp_path / "ten_minutes.wav", minutes, rate)
+    tagger = Tagger.load(model_path, device="cpu", crop=None)
+    tracemalloc.start()  # the windows' features as the parent receives them are numpy buffers: traced
+    try:
+        (result,) = tagger.predict_many([path], workers=1)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert result.error == "" and result.probabilities.shape == (5,)
+    assert peak < 0.1 * minutes * 60 * rate * 4, f"peak {peak / 1e6:.1f} MB"  # 8 windows' features: 4 MB

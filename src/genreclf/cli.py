@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import inspect
+import io
+import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -197,59 +201,54 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    import json
+    from tqdm.auto import tqdm
 
-    from genreclf.audio import find_audio_files
-    from genreclf.predict import Tagger
+    from genreclf.predict import Prediction, Tagger, find_inputs
+    from genreclf.progress import progress_bar
 
+    if args.resume and not args.out:
+        raise GenreclfError("--resume needs --out: the file whose recorded files to skip")
     tagger = Tagger.load(args.model, crop=args.crop, n_crops=args.crops)
     _check_decisions(tagger, args)
-    records, failed = [], 0
-    for source in args.inputs:
-        try:
-            files = find_audio_files(source)
-        except GenreclfError as e:
-            records.append({"file": str(source), "error": str(e)})
-            failed += 1
-            continue
-        if not files:
-            records.append({"file": str(source), "error": f"{source}: no audio files found in this folder"})
-            failed += 1
-        for path in files:
-            try:
-                prediction = tagger.predict(path)
-                top = prediction.top(args.top)
-                records.append(
-                    {
-                        "file": str(path),
-                        "genres": [{"genre": g, "probability": round(p, 4)} for g, p in top],
-                        **_decision_fields(prediction, args),
-                    }
-                )
-            except GenreclfError as e:
-                records.append({"file": str(path), "error": str(e)})
-                failed += 1
-    if args.format == "json":
-        print(json.dumps(records, indent=1))
-    elif args.format == "csv":
-        import csv
+    files, errors = find_inputs(args.inputs)
+    out = _ResultsFile(args.out, args.resume) if args.out else None
+    done = out.recorded if out else set()
+    errors = [(source, error) for source, error in errors if os.path.abspath(source) not in done]
+    todo = [path for path in files if os.path.abspath(path) not in done]
+    if done:
+        log.info(
+            "%s: %d of %d files already done; tagging the other %d",
+            args.out,
+            len(files) - len(todo),
+            len(files),
+            len(todo),
+        )
+    if args.format == "csv":
+        print(",".join(_CSV_HEADER), flush=True)
+    failed = 0
 
-        writer = csv.writer(sys.stdout)
-        writer.writerow(["file", "rank", "genre", "probability", "chosen", "error"])
-        for r in records:
-            for rank, g in enumerate(r.get("genres", []), 1):
-                writer.writerow([r["file"], rank, g["genre"], g["probability"], _chosen_mark(r, g, "1", "0", ""), ""])
-            if "error" in r:
-                writer.writerow([r["file"], "", "", "", "", r["error"]])
-    else:
-        for r in records:
-            print(r["file"])
-            if "error" in r:
-                print(f"  error: {r['error']}")
-            for g in r.get("genres", []):
-                print(f"  {g['probability']:6.3f} {_chosen_mark(r, g, '*', ' ', ' ')} {g['genre']}")
-            if r.get("chosen") is not None:
-                print(f"  chosen: {', '.join(r['chosen']) or '(none)'}")
+    def emit(prediction: Prediction) -> None:
+        nonlocal failed
+        record = _record(prediction, args.top)
+        if "error" not in record and "warning" not in record:
+            record.update(_decision_fields(prediction, args))
+        failed += "error" in record
+        if out:
+            out.write(record)
+        with tqdm.external_write_mode(file=sys.stdout):  # printed above a live progress bar, not through it
+            print(_format_record(record, args.format), end="", flush=True)
+
+    bar = progress_bar(len(todo), desc="predict", unit="file", enabled=not args.quiet)
+    try:
+        for source, error in errors:
+            emit(Prediction(source, tagger.genres, [], error=error))
+        for prediction in tagger.predict_many(todo, args.workers):
+            emit(prediction)
+            bar.update()
+    finally:
+        bar.close()
+        if out:
+            out.close()
     if failed:
         print(f"genreclf: {failed} input(s) could not be tagged (see the errors above)", file=sys.stderr)
     return 1 if failed else 0
@@ -405,6 +404,84 @@ def _undo_tags(args: argparse.Namespace) -> int:
     if problems:
         print(f"genreclf: {problems} file(s) were not restored (see above)", file=sys.stderr)
     return 1 if problems else 0
+
+
+_CSV_HEADER = ("file", "rank", "genre", "probability", "chosen", "error")
+
+
+def _record(prediction, top: int) -> dict:
+    """Return the output record of one file: its top genres (and a warning: silent audio), or its error."""
+    file = os.path.abspath(prediction.source)
+    if prediction.error:
+        return {"file": file, "error": prediction.error}
+    record = {"file": file, "genres": [{"genre": g, "probability": round(p, 4)} for g, p in prediction.top(top)]}
+    if prediction.warning:
+        record["warning"] = prediction.warning
+    return record
+
+
+def _format_record(record: dict, fmt: str) -> str:
+    """Return one record as text: a JSON line, CSV rows (the error column holds an error or a warning), or a table."""
+    if fmt == "json":
+        return json.dumps(record) + "\n"
+    if fmt == "csv":
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        for rank, g in enumerate(record.get("genres", []), 1):
+            writer.writerow(
+                [record["file"], rank, g["genre"], g["probability"], _chosen_mark(record, g, "1", "0", ""), ""]
+            )
+        if "error" in record or "warning" in record:
+            writer.writerow([record["file"], "", "", "", "", record.get("error") or record["warning"]])
+        return text.getvalue()
+    lines = [record["file"]]
+    lines += [f"  {key}: {record[key]}" for key in ("error", "warning") if key in record]
+    lines += [
+        f"  {g['probability']:6.3f} {_chosen_mark(record, g, '*', ' ', ' ')} {g['genre']}"
+        for g in record.get("genres", [])
+    ]
+    if record.get("chosen") is not None:
+        lines.append(f"  chosen: {', '.join(record['chosen']) or '(none)'}")
+    return "\n".join(lines) + "\n"
+
+
+class _ResultsFile:
+    """A --out file (.jsonl or .csv) that records are appended to, each in one write: a killed run loses at most one."""
+
+    def __init__(self, path: Path, resume: bool):
+        self.fmt = {".jsonl": "json", ".csv": "csv"}.get(path.suffix.lower())
+        if self.fmt is None:
+            raise GenreclfError(f"--out {path}: give a .jsonl or .csv file")
+        exists = path.is_file() and path.stat().st_size > 0
+        if exists and not resume:
+            raise GenreclfError(f"--out {path} exists; pass --resume to tag only the files not in it, or remove it")
+        self.recorded: set[str] = set()
+        if exists:
+            data = path.read_bytes()
+            complete = data[: data.rfind(b"\n") + 1]  # a last line without its newline is from a killed run
+            if len(complete) < len(data):
+                os.truncate(path, len(complete))
+            for line in complete.decode().splitlines():
+                if self.fmt == "json":
+                    self.recorded.add(json.loads(line)["file"])
+                elif line and not line.startswith("file,"):
+                    self.recorded.add(next(csv.reader([line]))[0])
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        if self.fmt == "csv" and os.fstat(self.fd).st_size == 0:
+            self._append(",".join(_CSV_HEADER) + "\n")
+
+    def write(self, record: dict) -> None:
+        """Append one record."""
+        self._append(_format_record(record, self.fmt))
+
+    def _append(self, text: str) -> None:
+        data = text.encode()
+        while data:
+            data = data[os.write(self.fd, data) :]
+
+    def close(self) -> None:
+        """Close the file."""
+        os.close(self.fd)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -775,13 +852,38 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
 
     p.description = (
         "Tag audio files or folders (walked for audio) of any length: each file is cut into 30-s "
-        "windows, each window scored over evenly spaced crops, and the windows averaged. A file that cannot be "
-        "read gets an error record; the others are still tagged, and the exit code is 1."
+        "windows, each window scored over evenly spaced crops, and the audible windows averaged; silent audio "
+        "gets no genres and a warning. Files are decoded in worker processes and each result is printed (and "
+        "appended to --out) as soon as it is done, in the order files finish. One record per file: "
+        'JSON Lines {"file", "genres": [{"genre", "probability"}, ...], "warning"?} or {"file", "error"}; CSV '
+        "rows file,rank,genre,probability,error. A file that cannot be read gets an error record; the others are "
+        "still tagged, and the exit code is 1."
     )
     p.add_argument("model", help="model.safetensors (or the run folder holding it)")
     p.add_argument("inputs", nargs="+", type=Path, metavar="FILE_OR_DIR", help="audio files or folders")
     p.add_argument("--top", type=_positive_int, default=_default(Prediction.top, "k"), help="genres to show per file")
-    p.add_argument("--format", choices=["table", "json", "csv"], default="table", help="output format")
+    p.add_argument(
+        "--format",
+        choices=["table", "json", "csv"],
+        default="table",
+        help="stdout format; json is JSON Lines (one object per file, as it is done)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="also append each record to this .jsonl or .csv file as it is done (one write per record)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --out: skip the files already recorded there (by absolute path), e.g. after a killed run",
+    )
+    p.add_argument(
+        "--workers",
+        type=_count,
+        default=_default(Tagger.predict_many, "workers"),
+        help="decoder processes (default: one per core; 0: decode in this process)",
+    )
     p.add_argument("--crop", type=_positive_int, default=_default(Tagger, "crop"), help="crop length in frames")
     p.add_argument("--crops", type=_positive_int, default=_default(Tagger, "n_crops"), help="crops per 30-s window")
     p.add_argument(

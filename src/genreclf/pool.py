@@ -15,9 +15,11 @@ import multiprocessing as mp
 import signal
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 from multiprocessing.connection import Connection, wait
+from types import GeneratorType
 
 from genreclf.errors import GenreclfError
 
@@ -30,7 +32,12 @@ _READY = "ready"
 
 
 def _worker_main(conn: Connection, work: Callable, init: Callable | None) -> None:
-    """Run jobs received on `conn` and send back (index, result) for each, in order."""
+    """Run jobs received on `conn`; send back (index, items, done) messages, in order.
+
+    A plain `work` gives one message (index, (result,), True). A generator `work` streams:
+    (index, (item,), False) for each item it yields, then (index, (), True). The pipe's buffer
+    is the backpressure: a worker blocks on send until the parent has read what it sent.
+    """
     # Ctrl-C reaches the whole process group: the parent handles it (and stops us); no tracebacks from here.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if init is not None:
@@ -43,8 +50,17 @@ def _worker_main(conn: Connection, work: Callable, init: Callable | None) -> Non
             return
         if chunk is None:
             return
-        for index, job in chunk:
-            conn.send((index, work(job)))
+        try:
+            for index, job in chunk:
+                result = work(job)
+                if isinstance(result, GeneratorType):
+                    for item in result:
+                        conn.send((index, (item,), False))
+                    conn.send((index, (), True))
+                else:
+                    conn.send((index, (result,), True))
+        except (BrokenPipeError, ConnectionResetError):  # the parent is gone (killed): nobody to answer
+            return
 
 
 @dataclass
@@ -101,19 +117,57 @@ def pool_map(
 ) -> None:
     """Run `work(job)` for every job in `n_workers` processes and pass each result to `record`, in any order.
 
-    A job whose worker dies or exceeds `timeout` seconds is recorded as `failed(job, reason)`.
-    `work`, `failed` and `init` (run once in each new worker) must be importable functions.
-    Raises GenreclfError when workers keep dying before any job finishes (they cannot start).
+    As `pool_imap`, with a callback.
     """
-    queue = deque(enumerate(jobs))
-    pool = _Pool(max(1, min(n_workers, len(jobs) or 1)), work, init)
+    for result in pool_imap(jobs, n_workers, work, failed, timeout, init):
+        record(result)
+
+
+def pool_imap(
+    jobs: Iterable,
+    n_workers: int,
+    work: Callable,
+    failed: Callable[[object, str], object],
+    timeout: float = DEFAULT_TIMEOUT,
+    init: Callable | None = None,
+) -> Iterator:
+    """Run `work(job)` for every job in `n_workers` processes; yield the results as they come, in any order.
+
+    A generator `work` streams: each item it yields is yielded here as soon as it arrives (items of one
+    job in order), so a job's output never has to fit in one message. Jobs are taken from `jobs` as
+    workers need them (a few per worker in flight), so neither jobs nor results pile up in the parent.
+    A job whose worker dies or sends nothing for `timeout` seconds yields `failed(job, reason)` as its
+    last item. Time the caller spends between two items does not count against the workers' timeout
+    (they wait on the caller then). `work`, `failed` and `init` (run once in each new worker) must be
+    importable functions. Raises GenreclfError when workers keep dying before any job gives a result.
+    """
+    fresh = enumerate(jobs)
+    queue: deque = deque()  # jobs taken back from dead workers, tried first
+    exhausted = False
+
+    def take(n: int) -> list:
+        nonlocal exhausted
+        chunk = [queue.popleft() for _ in range(min(n, len(queue)))]
+        if len(chunk) < n and not exhausted:
+            new = list(islice(fresh, n - len(chunk)))
+            exhausted = len(new) < n - len(chunk)
+            chunk += new
+        return chunk
+
+    first = take(max(1, n_workers))
+    if not first:
+        return
+    queue.extend(first)
+    pool = _Pool(max(1, min(n_workers, len(first))), work, init)
     finished, deaths_before_any = 0, 0
     try:
-        while queue or any(w.jobs for w in pool.workers):
+        while queue or not exhausted or any(w.jobs for w in pool.workers):
             now = time.monotonic()
             for worker in pool.workers:  # keep every ready worker's pipe fed
-                while worker.ready and queue and len(worker.jobs) < IN_FLIGHT_PER_WORKER:
-                    chunk = [queue.popleft() for _ in range(min(CHUNK, len(queue)))]
+                while worker.ready and len(worker.jobs) < IN_FLIGHT_PER_WORKER:
+                    chunk = take(CHUNK)
+                    if not chunk:
+                        break
                     if not worker.jobs:
                         worker.since = now
                     worker.jobs.extend(chunk)
@@ -131,11 +185,17 @@ def pool_map(
                         if message == _READY:
                             worker.ready, worker.since = True, time.monotonic()
                             continue
-                        index, result = message
-                        worker.jobs.popleft()
+                        _, items, done = message
+                        if done:
+                            worker.jobs.popleft()
                         worker.since = time.monotonic()
-                        finished += 1
-                        record(result)
+                        finished += 1  # a streamed item counts too: once one is out, a death is the file's fault
+                        for item in items:
+                            paused = time.monotonic()
+                            yield item
+                            paused = time.monotonic() - paused
+                            for w in pool.workers:  # they were blocked on us, not hung
+                                w.since += paused
                 except (EOFError, OSError):
                     pass
                 if not worker.process.is_alive():
@@ -150,10 +210,9 @@ def pool_map(
                         queue.extend(worker.jobs)  # tried again later, blamed only once something has worked
                         worker.jobs.clear()
                     else:
-                        _lose_current(
+                        yield from _lose_current(
                             worker,
                             queue,
-                            record,
                             failed,
                             "the decoder crashed (its process died); the file is probably corrupt",
                         )
@@ -161,19 +220,20 @@ def pool_map(
             now = time.monotonic()
             for worker in list(pool.workers):
                 if worker.ready and worker.jobs and now - worker.since > timeout:
-                    _lose_current(
-                        worker, queue, record, failed, f"the decoder timed out (no result after {timeout:g} s)"
+                    lost = list(
+                        _lose_current(worker, queue, failed, f"the decoder timed out (no result after {timeout:g} s)")
                     )
                     pool.replace(worker)
+                    yield from lost
     finally:
         pool.close()
 
 
-def _lose_current(worker: _Worker, queue: deque, record: Callable, failed: Callable, reason: str) -> None:
-    """Record the job `worker` was on as failed; put the jobs queued behind it back at the front."""
-    if worker.jobs:
-        _, job = worker.jobs.popleft()
-        log.warning("%s", reason)
-        record(failed(job, reason))
+def _lose_current(worker: _Worker, queue: deque, failed: Callable, reason: str) -> Iterator:
+    """Yield the failure of the job `worker` was on; put the jobs queued behind it back at the front."""
+    lost = worker.jobs.popleft()[1] if worker.jobs else None
     queue.extendleft(reversed(worker.jobs))
     worker.jobs.clear()
+    if lost is not None:
+        log.warning("%s", reason)
+        yield failed(lost, reason)

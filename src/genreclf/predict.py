@@ -2,29 +2,45 @@
 
 A track is cut into consecutive 30-s windows (the clips the model was trained on, each
 normalised on its own as in training); each window is scored by averaging the model's
-probabilities over evenly spaced crops; windows are averaged weighted by their real frames.
+probabilities over evenly spaced crops; windows are averaged weighted by their real frames. Silent
+windows (RMS below audio.SILENCE_DBFS) are skipped, so a quiet intro does not dilute the music; a
+silent file gets no genres at all.
+
+`Tagger.predict_many` tags many files at once: worker processes decode each file as a stream of
+30-s windows and send each audible window's log-mel features (938 x 128 float32, 480 kB) as soon
+as it is ready; the parent scores windows from any files together in batches and yields each
+file's result as soon as its last window is scored. The pipes are the backpressure (a worker waits
+until the parent has read what it sent), so memory stays at a batch of windows plus a few in each
+pipe, whatever the number of files or their length.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from genreclf import audio
-from genreclf.audio import N_FRAMES, N_SAMPLES, SAMPLE_RATE
+from genreclf.audio import N_FRAMES, N_MELS, N_SAMPLES, SAMPLE_RATE
 from genreclf.data import crop_starts
 from genreclf.decide import Decision
-from genreclf.errors import GenreclfError
-from genreclf.mel import log_mel_batch, valid_frames
+from genreclf.errors import GenreclfError, first_line
+from genreclf.featurize import CLIP_TIMEOUT, MIN_SECONDS, default_workers
+from genreclf.mel import log_mel, log_mel_batch, pad_or_trim, valid_frames
 from genreclf.modelfile import ModelFile
+from genreclf.pool import pool_imap
+
+log = logging.getLogger(__name__)
 
 CROP_FRAMES = 256  # the longest training crop
 N_CROPS = 8  # evenly spaced crops per 30-s window
+WINDOWS_PER_BATCH = 8  # 30-s windows scored together (from one file or several)
 
 
 @torch.no_grad()
@@ -57,25 +73,158 @@ def score_features(
 
 @dataclass(frozen=True)
 class Prediction:
-    """The genre probabilities of one input."""
+    """The genre probabilities of one input (NaN where it was not scored: silent audio, or an error)."""
 
     source: str  # file path, or "<waveform>"
     genres: list[str]  # vocabulary order
     probabilities: np.ndarray  # (genres,) float
     decision: Decision | None = None  # the model's thresholds and genre tree, for `chosen`
+    warning: str = ""  # e.g. silent audio: no genres given
+    error: str = ""  # predict_many only: why the file could not be tagged
 
     def top(self, k: int = 5) -> list[tuple[str, float]]:
-        """Return the k most probable (genre, probability) pairs, most probable first."""
-        order = np.argsort(-self.probabilities, kind="stable")[:k]
-        return [(self.genres[i], float(self.probabilities[i])) for i in order]
+        """Return the k most probable (genre, probability) pairs, most probable first (none if not scored)."""
+        order = np.argsort(-np.nan_to_num(self.probabilities, nan=-1.0), kind="stable")[:k]
+        return [(self.genres[i], float(self.probabilities[i])) for i in order if not np.isnan(self.probabilities[i])]
 
     def chosen(self, threshold: float | None = None, with_parents: bool = False) -> list[str]:
         """Return the genres whose probability is >= their threshold (or `threshold`), most probable first.
 
         with_parents adds the ancestors of each chosen genre (Metal brings Rock), after the chosen ones.
+        An input that was not scored (silent audio, or an error) has none.
         """
+        if np.isnan(self.probabilities).all():
+            return []
         columns = (self.decision or Decision()).chosen(self.probabilities, threshold, with_parents)
         return [self.genres[c] for c in columns]
+
+
+@dataclass
+class _Level:
+    """Samples seen and their energy: the RMS level of a file decoded window by window."""
+
+    samples: int = 0
+    energy: float = 0.0
+
+    def dbfs(self) -> float:
+        """The RMS level in dBFS, as audio.rms_dbfs of the whole waveform (to ~1e-6 relative)."""
+        power = self.energy / self.samples if self.samples else 0.0
+        return 10.0 * math.log10(power) if power > 0 else float("-inf")
+
+
+def _audible(windows: Iterable[np.ndarray], level: _Level) -> Iterator[tuple[np.ndarray, int]]:
+    """Yield (log-mel features (938, 128) float32, valid frames) of each window that is not silent."""
+    for window in windows:
+        level.samples += len(window)
+        level.energy += float(np.dot(window, window))
+        if not audio.is_silent(window):
+            yield log_mel(pad_or_trim(window)), valid_frames(len(window), N_FRAMES)
+
+
+def _file_windows(path: str | Path, level: _Level, min_seconds: float = MIN_SECONDS) -> Iterator[tuple]:
+    """Yield the audible windows of the file at `path` (see _audible); AudioError when it is too short."""
+    windows = audio.stream(path, block_seconds=N_SAMPLES / SAMPLE_RATE)
+    first = next(windows, np.zeros(0, np.float32))  # 30 s unless the whole file is shorter
+    if len(first) < min_seconds * SAMPLE_RATE:
+        raise audio.AudioError(f"{path}: too short ({len(first) / SAMPLE_RATE:.2f} s < {min_seconds} s)")
+    yield from _audible(chain([first], windows), level)
+
+
+_WINDOW, _END = "window", "end"
+
+
+def _file_items(job: tuple[int, str]) -> Iterator[tuple]:
+    """Worker: yield (i, "window", features, valid) per audible window, then (i, "end", error, dBFS, details)."""
+    i, path = job
+    level = _Level()
+    try:
+        for features, valid in _file_windows(path, level):
+            yield i, _WINDOW, features, valid
+    except GenreclfError as e:  # the decoders' words travel with it: a worker's own logging is not set up
+        yield i, _END, str(e), 0.0, getattr(e, "details", "")
+        return
+    except Exception as e:  # a decoder bug on one odd file must not stop the others
+        yield i, _END, f"{path}: unexpected {type(e).__name__}: {first_line(e)}", 0.0, str(e)
+        return
+    yield i, _END, "", level.dbfs(), ""
+
+
+def _failed_file(job: tuple[int, str], reason: str) -> tuple:
+    """The end item of a file whose worker crashed or hung."""
+    return job[0], _END, f"{job[1]}: {reason}", 0.0, ""
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)  # one file per process: threads would only contend
+
+
+def find_inputs(paths: Iterable[str | Path]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Return (the audio files in `paths`, folders walked recursively; (path, error) for each unusable path)."""
+    files, errors = [], []
+    for source in paths:
+        try:
+            found = audio.find_audio_files(source)
+        except GenreclfError as e:
+            errors.append((str(source), str(e)))
+            continue
+        if not found:
+            errors.append((str(source), f"{source}: no audio files found in this folder"))
+        files.extend(found)
+    return files, errors
+
+
+class _Batcher:
+    """Windows of many files scored together in batches; per-file frame-weighted sums of probabilities."""
+
+    def __init__(self, tagger: Tagger, size: int, threads: int | None = None):
+        self.tagger, self.size = tagger, size
+        self.threads = threads  # torch threads while scoring (None: as they are)
+        self.features = np.empty((size, N_FRAMES, N_MELS), np.float32)  # one batch buffer: memory bounded
+        self.owners: list[int] = []  # the file of each row
+        self.valid: list[int] = []
+        self.sums: dict[int, tuple[torch.Tensor, int]] = {}  # file -> (sum of frames x probabilities, frames)
+        self.limit = 1  # the first batch is one window, then twice as many each time up to `size`: a quick first result
+
+    def add(self, owner: int, features: np.ndarray, valid: int) -> bool:
+        """Queue one window; score the batch once it is full. Returns True when it scored."""
+        self.features[len(self.owners)] = features
+        self.owners.append(owner)
+        self.valid.append(valid)
+        if len(self.owners) < self.limit:
+            return False
+        self.flush()
+        return True
+
+    def flush(self) -> None:
+        """Score the queued windows."""
+        if not self.owners:
+            return
+        t = self.tagger
+        x = torch.from_numpy(self.features[: len(self.owners)]).to(t.device)
+        v = torch.tensor(self.valid, device=t.device)
+        before = torch.get_num_threads()
+        if self.threads is not None:  # restored below: the caller's setting is not ours to keep
+            torch.set_num_threads(self.threads)
+        try:
+            weighted = v.float()[:, None] * score_features(t.model, x, v, t.crop, t.n_crops)
+        finally:
+            torch.set_num_threads(before)
+        owners = torch.tensor(self.owners, device=t.device)
+        for owner in dict.fromkeys(self.owners):
+            rows = owners == owner
+            total, frames = self.sums.get(owner, (0.0, 0))
+            self.sums[owner] = (total + weighted[rows].sum(0), frames + int(v[rows].sum()))
+        self.owners, self.valid = [], []
+        self.limit = min(self.size, 2 * self.limit)
+
+    def pending(self, owner: int) -> bool:
+        """Return True while windows of `owner` wait in the batch."""
+        return owner in self.owners
+
+    def pop(self, owner: int) -> np.ndarray | None:
+        """Return the frame-weighted mean probabilities of `owner`'s windows (None if none) and forget them."""
+        total, frames = self.sums.pop(owner, (None, 0))
+        return None if not frames else (total / frames).cpu().numpy()
 
 
 class Tagger:
@@ -105,17 +254,87 @@ class Tagger:
         return cls(ModelFile.load(path, device), device, **options)
 
     def predict(self, source: str | Path | np.ndarray, sample_rate: int = SAMPLE_RATE) -> Prediction:
-        """Return the genre probabilities of an audio file or a mono waveform at `sample_rate`."""
+        """Return the genre probabilities of an audio file or a mono waveform at `sample_rate`.
+
+        Silent audio gets no genres (NaN probabilities and a warning); a file shorter than
+        featurize.MIN_SECONDS is an AudioError, as an unreadable one is.
+        """
+        level = _Level()
         if isinstance(source, np.ndarray):
             if source.ndim != 1 or len(source) == 0:
                 raise GenreclfError("a waveform must be a non-empty 1-D array (mono)")
             if not np.isfinite(source).all():
                 raise GenreclfError("the waveform holds NaN or infinite samples; clean it (np.nan_to_num) first")
-            probabilities = self.probabilities(audio.resample(source, sample_rate))
-            return Prediction("<waveform>", self.genres, probabilities, decision=self.decision)
-        # Decoded window by window: memory stays at a few windows however long the file is.
-        windows = audio.stream(source, block_seconds=N_SAMPLES / SAMPLE_RATE)
-        return Prediction(str(source), self.genres, self._score_windows(windows), decision=self.decision)
+            wave = audio.resample(source, sample_rate)
+            windows = _audible((wave[s : s + N_SAMPLES] for s in range(0, len(wave), N_SAMPLES)), level)
+            name = "<waveform>"
+        else:  # decoded window by window: memory stays at a few windows however long the file is
+            windows, name = _file_windows(source, level), str(source)
+        batcher = _Batcher(self, WINDOWS_PER_BATCH)
+        for features, valid in windows:
+            batcher.add(0, features, valid)
+        batcher.flush()
+        return self._prediction(name, batcher.pop(0), level.dbfs())
+
+    def predict_many(
+        self,
+        paths: Iterable[str | Path],
+        workers: int | None = None,
+        windows_per_batch: int = WINDOWS_PER_BATCH,
+        timeout: float = CLIP_TIMEOUT,
+    ) -> Iterator[Prediction]:
+        """Yield a Prediction for every audio file in `paths` (folders walked recursively) as soon as it is done.
+
+        Results come in the order files finish. A file that cannot be tagged (unreadable, too short,
+        its decoder crashed or gave no window for `timeout` seconds) yields a Prediction with `error`
+        set and the others go on. `workers` decoder processes (None: one per core; 0: decode in this
+        process). The probabilities equal `predict(path)`'s.
+        """
+        files, errors = find_inputs(paths)
+        nan = np.full(len(self.genres), np.nan)
+        for source, error in errors:
+            yield Prediction(source, self.genres, nan, self.decision, error=error)
+        jobs = ((i, str(path)) for i, path in enumerate(files))
+        workers = min(default_workers() if workers is None else workers, len(files))
+        if workers == 0:
+            items = chain.from_iterable(map(_file_items, jobs))
+        else:
+            items = pool_imap(jobs, workers, _file_items, _failed_file, timeout, init=_worker_init)
+        # Cores busy decoding are not the model's: spinning threads waiting on them made scoring 3-10x slower.
+        threads = max(1, torch.get_num_threads() - workers) if workers and self.device.type == "cpu" else None
+        batcher, ended = (
+            _Batcher(self, windows_per_batch, threads),
+            {},
+        )  # ended: file -> (error, level), windows pending
+        for item in items:
+            if item[1] == _WINDOW:
+                if batcher.add(item[0], item[2], item[3]):  # scored: the files that ended are done
+                    for i in list(ended):
+                        yield self._ended(str(files[i]), batcher, i, *ended.pop(i))
+                continue
+            i, _, error, level, details = item
+            if details:
+                log.debug("%s: the decoders said: %s", files[i], details)
+            if batcher.pending(i):  # its last windows are scored with the next batch
+                ended[i] = (error, level)
+            else:
+                yield self._ended(str(files[i]), batcher, i, error, level)
+        batcher.flush()
+        for i in list(ended):
+            yield self._ended(str(files[i]), batcher, i, *ended.pop(i))
+
+    def _ended(self, source: str, batcher: _Batcher, i: int, error: str, level: float) -> Prediction:
+        probabilities = batcher.pop(i)
+        if error:
+            return Prediction(source, self.genres, np.full(len(self.genres), np.nan), self.decision, error=error)
+        return self._prediction(source, probabilities, level)
+
+    def _prediction(self, source: str, probabilities: np.ndarray | None, level: float) -> Prediction:
+        """The Prediction of scored windows; none scored, or a silent whole, means silent: no genres."""
+        if probabilities is None or level < audio.SILENCE_DBFS:
+            warning = f"silent audio (RMS level {level:.0f} dBFS < {audio.SILENCE_DBFS:.0f} dBFS): not tagged"
+            return Prediction(source, self.genres, np.full(len(self.genres), np.nan), self.decision, warning=warning)
+        return Prediction(source, self.genres, probabilities, self.decision)
 
     def probabilities(self, wave: np.ndarray, windows_per_batch: int = 8) -> np.ndarray:
         """Return genre probabilities of a mono 16-kHz waveform of any length."""
