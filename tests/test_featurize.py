@@ -187,6 +187,22 @@ def test_a_refused_run_keeps_what_was_there(corpus, store_dir, tmp_path):
     assert out.is_dir() and not any(out.iterdir())  # the user's folder stays, nothing inside it
 
 
+def test_a_failed_shard_removes_only_its_own_part(tmp_path):
+    # Two shards started at once in a new store folder: the one that created the folder fails first.
+    from genreclf.featurize import _remove_created
+
+    out = tmp_path / "store"
+    ours, theirs = out / "part-0-of-2", out / "part-1-of-2"
+    for part in (ours, theirs):
+        part.mkdir(parents=True)
+        (part / "state.npy").write_bytes(b"x")
+    (out / "store.json").write_text("{}")
+    _remove_created(out, ours, (True, True))
+    assert not ours.exists() and (theirs / "state.npy").exists() and (out / "store.json").exists()
+    _remove_created(out, theirs, (True, True))  # the last one out removes the folder it made
+    assert not out.exists()
+
+
 def test_workers_that_cannot_start_leave_no_store(corpus, tmp_path):
     # A script without `if __name__ == "__main__":` makes every spawned worker die at start-up.
     script = tmp_path / "no_main_guard.py"

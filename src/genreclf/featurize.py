@@ -7,6 +7,7 @@ on a CPU is slower per clip); the parent process only writes rows to the store.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -129,11 +130,19 @@ def _has_features(part_dir: Path) -> bool:
         return False
 
 
-def _remove(path: Path | None) -> None:
-    """Remove a folder this run created (and everything in it)."""
-    if path is not None and path.exists():
-        shutil.rmtree(path, ignore_errors=True)
-        log.debug("removed %s, created by this refused run", path)
+def _remove_created(out: Path, part_dir: Path, created: tuple[bool, bool]) -> None:
+    """Remove what this run created: its part folder, and the store folder if nothing else is in it.
+
+    Only this run's own part is removed: other shards may be writing their parts beside it.
+    """
+    created_out, created_part = created
+    if created_part and part_dir.exists():
+        shutil.rmtree(part_dir, ignore_errors=True)
+    if created_out and out.exists() and not any(p.name.startswith("part-") for p in out.iterdir()):
+        (out / "store.json").unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # not empty: another process has written there since
+            out.rmdir()
+    log.debug("removed what this refused run created in %s", out)
 
 
 def find_audio_dir(data_dir: Path) -> Path:
@@ -232,12 +241,12 @@ def featurize(
     if not _has_features(part_dir):  # nothing featurized yet: a wrong folder would fail every track
         _check_paths(plan["path"].tolist(), audio_root)
     # Every input is checked: only now is anything created (the features file reserves its full size).
-    created = next((p for p in (out, part_dir) if not p.exists()), None)
+    created = (not out.exists(), not part_dir.exists())
     try:
         _write_header(out, header)
         writer = PartWriter(part_dir, plan, labels_.targets[order], N_FRAMES, N_MELS)
     except BaseException:
-        _remove(created)
+        _remove_created(out, part_dir, created)
         raise
     if retry_failed:
         writer.retry_failed()
@@ -260,7 +269,7 @@ def featurize(
     except BaseException:  # Ctrl-C included: keep every finished row for the next run ...
         writer.close()
         if not (writer.state[:] != 0).any():  # ... but a run that did nothing leaves nothing behind
-            _remove(created)
+            _remove_created(out, part_dir, created)
         raise
     finally:
         bar.close()
