@@ -199,8 +199,13 @@ def test_a_failed_shard_removes_only_its_own_part(tmp_path):
     (out / "store.json").write_text("{}")
     _remove_created(out, ours, (True, True))
     assert not ours.exists() and (theirs / "state.npy").exists() and (out / "store.json").exists()
-    _remove_created(out, theirs, (True, True))  # the last one out removes the folder it made
-    assert not out.exists()
+    _remove_created(out, theirs, (True, True))
+    assert (out / "store.json").exists()  # shared by the shards: another may be about to write its part
+    single = tmp_path / "single"
+    (single / "part-0-of-1").mkdir(parents=True)
+    (single / "store.json").write_text("{}")
+    _remove_created(single, single / "part-0-of-1", (True, True))  # unsharded: all of it was this run's
+    assert not single.exists()
 
 
 def test_workers_that_cannot_start_leave_no_store(corpus, tmp_path):
@@ -323,6 +328,22 @@ def test_workers_that_never_finish_a_clip_stop_the_job(corpus):
             [(row, str(p), 1.0, False) for row, p in enumerate(paths)], 1, recorded.append, always_die, _failed_job
         )
     assert recorded == []  # nothing blamed on the files: they stay pending for the next run
+
+
+@pytest.mark.parametrize("n_jobs, workers", [(1, 1), (3, 1), (3, 3)])
+def test_a_corrupt_first_file_is_blamed_not_the_workers(corpus, n_jobs, workers):
+    # Before anything has worked, a death is not yet blamed on its file; one that kills two workers is.
+    from genreclf.featurize import _failed_job
+    from genreclf.pool import pool_map
+
+    paths = [p for p in sorted((corpus / "fma_large").rglob("*.mp3")) if p.name.endswith("003.mp3")]
+    paths += [p for p in sorted((corpus / "fma_large").rglob("*.mp3")) if not p.name.endswith("003.mp3")][:2]
+    jobs = [(row, str(p), 1.0, False) for row, p in enumerate(paths[:n_jobs])]
+    results = {}
+    pool_map(jobs, workers, lambda r: results.setdefault(r[0], r), crash_on_track_3, _failed_job)
+    assert sorted(results) == list(range(n_jobs))
+    assert results[0][1] is None and "decoder crashed" in results[0][3]
+    assert all(results[row][1] is not None for row in range(1, n_jobs))
 
 
 @pytest.mark.parametrize("work, reason", [(crash_on_track_3, "decoder crashed"), (hang_on_track_3, "timed out")])

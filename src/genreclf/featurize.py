@@ -138,7 +138,8 @@ def _remove_created(out: Path, part_dir: Path, created: tuple[bool, bool]) -> No
     created_out, created_part = created
     if created_part and part_dir.exists():
         shutil.rmtree(part_dir, ignore_errors=True)
-    if created_out and out.exists() and not any(p.name.startswith("part-") for p in out.iterdir()):
+    sharded = not part_dir.name.endswith("-of-1")  # store.json is shared: another shard may be about to use it
+    if created_out and not sharded and out.exists() and not any(p.name.startswith("part-") for p in out.iterdir()):
         (out / "store.json").unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # not empty: another process has written there since
             out.rmdir()

@@ -160,6 +160,7 @@ def pool_imap(
     queue.extend(first)
     pool = _Pool(max(1, min(n_workers, len(first))), work, init)
     finished, deaths_before_any = 0, 0
+    strikes: dict = {}  # job index -> workers it was on when they died, before anything worked
     try:
         while queue or not exhausted or any(w.jobs for w in pool.workers):
             now = time.monotonic()
@@ -171,7 +172,10 @@ def pool_imap(
                     if not worker.jobs:
                         worker.since = now
                     worker.jobs.extend(chunk)
-                    worker.conn.send(chunk)
+                    try:
+                        worker.conn.send(chunk)
+                    except OSError:  # it died since we last looked: its sentinel says so below
+                        break
             waits = [w.since + timeout - now for w in pool.workers if w.ready and w.jobs]
             handles = {w.conn: w for w in pool.workers} | {w.process.sentinel: w for w in pool.workers}
             ready = wait(list(handles), timeout=max(0.0, min(waits)) if waits else 30.0)
@@ -207,8 +211,20 @@ def pool_imap(
                                 'called from a script? put the call under `if __name__ == "__main__":` '
                                 "(or check memory and the first files)"
                             )
-                        queue.extend(worker.jobs)  # tried again later, blamed only once something has worked
-                        worker.jobs.clear()
+                        head = worker.jobs[0][0] if worker.jobs else None
+                        strikes[head] = strikes.get(head, 0) + 1
+                        if head is not None and strikes[head] >= 2:  # the same job killed two workers: its fault
+                            yield from _lose_current(
+                                worker,
+                                queue,
+                                failed,
+                                "the decoder crashed (its process died); the file is probably corrupt",
+                            )
+                        elif worker.jobs:  # tried again after the others, blamed if it kills again
+                            suspect = worker.jobs.popleft()
+                            queue.extendleft(reversed(worker.jobs))
+                            queue.append(suspect)
+                            worker.jobs.clear()
                     else:
                         yield from _lose_current(
                             worker,
