@@ -18,8 +18,8 @@ import torch
 from genreclf.data import split_positions
 from genreclf.decide import MIN_POSITIVES, choose_thresholds
 from genreclf.errors import GenreclfError
-from genreclf.evaluate import check_vocabulary, predict_store
-from genreclf.modelfile import ModelFile, update_metadata
+from genreclf.evaluate import open_scoring, predict_store
+from genreclf.modelfile import update_metadata
 from genreclf.predict import CROP_FRAMES, N_CROPS
 from genreclf.store import FeatureStore
 
@@ -66,22 +66,12 @@ def calibrate(
     `split` and `seed` default to those the model was trained with. The file keeps its weights and
     other metadata; the genre tree (parent of each genre) is written too, from the store.
     """
-    model_path = Path(model_path)
-    if model_path.is_dir():
-        model_path = model_path / "model.safetensors"
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model_file = ModelFile.load(model_path, device)
-    store = FeatureStore.open(store_path)
-    check_vocabulary(model_file, store, model_path)
-    trained_split = model_file.provenance.get("split", "official")
-    trained_seed = int(model_file.provenance.get("fit", {}).get("seed", 0))
-    split = split or trained_split
-    seed = trained_seed if seed is None else seed
-    if split != trained_split or (split != "official" and seed != trained_seed):
-        _warn_if_seen(store, model_path, split, seed, trained_split, trained_seed)
-    record = validation_thresholds(model_file.model, store, split, seed, crop, n_crops, min_positives, progress)
-    parents = [int(p) for p in store.header.genre_parents]
-    update_metadata(model_path, {"thresholds": json.dumps(record), "genre_parents": json.dumps(parents)})
+    o = open_scoring(model_path, store_path, split, seed)
+    if o.split != o.trained_split or (o.split != "official" and o.seed != o.trained_seed):
+        _warn_if_seen(o.store, o.model_path, o.split, o.seed, o.trained_split, o.trained_seed)
+    record = validation_thresholds(o.model_file.model, o.store, o.split, o.seed, crop, n_crops, min_positives, progress)
+    parents = [int(p) for p in o.store.header.genre_parents]
+    update_metadata(o.model_path, {"thresholds": json.dumps(record), "genre_parents": json.dumps(parents)})
     return record
 
 

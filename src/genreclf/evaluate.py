@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +83,43 @@ def check_vocabulary(model_file: ModelFile, store: FeatureStore, model_path: Pat
         raise GenreclfError(f"model {model_path} was trained on another genre vocabulary than store {store.path}")
 
 
+@dataclass(frozen=True)
+class Scoring:
+    """A model file and a store opened together, and the split and seed to score it on."""
+
+    model_path: Path  # the model.safetensors file
+    model_file: ModelFile
+    store: FeatureStore
+    split: str  # as asked, else the one the model was trained on
+    seed: int  # as asked, else the model's training seed
+    trained_split: str
+    trained_seed: int
+
+
+def open_scoring(
+    model_path: str | Path, store_path: str | Path, split: str | None = None, seed: int | None = None
+) -> Scoring:
+    """Return the model (a file or its run folder) and the store, checked to share genres and audio settings."""
+    model_path = Path(model_path)
+    if model_path.is_dir():
+        model_path = model_path / "model.safetensors"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model_file = ModelFile.load(model_path, device)
+    store = FeatureStore.open(store_path)
+    check_vocabulary(model_file, store, model_path)
+    trained_split = model_file.provenance.get("split", "official")
+    trained_seed = int(model_file.provenance.get("fit", {}).get("seed", 0))
+    return Scoring(
+        model_path,
+        model_file,
+        store,
+        split or trained_split,
+        trained_seed if seed is None else seed,
+        trained_split,
+        trained_seed,
+    )
+
+
 def evaluate(
     model_path: str | Path,
     store_path: str | Path,
@@ -104,17 +142,9 @@ def evaluate(
     of the evaluated part that were in the model's own training split are counted in
     `n_seen_in_training` and warned about: their scores measure memory, not tagging.
     """
-    model_path = Path(model_path)
-    if model_path.is_dir():
-        model_path = model_path / "model.safetensors"
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model_file = ModelFile.load(model_path, device)
-    store = FeatureStore.open(store_path)
-    check_vocabulary(model_file, store, model_path)
-    trained_split = model_file.provenance.get("split", "official")
-    trained_seed = int(model_file.provenance.get("fit", {}).get("seed", 0))
-    split = split or trained_split
-    seed = trained_seed if seed is None else seed
+    o = open_scoring(model_path, store_path, split, seed)
+    model_path, model_file, store, split, seed = o.model_path, o.model_file, o.store, o.split, o.seed
+    trained_split, trained_seed = o.trained_split, o.trained_seed
     positions = split_positions(store, part, split, seed)
     train_positions = split_positions(store, "training", split, seed)
     same = split == trained_split and (split == "official" or seed == trained_seed)
