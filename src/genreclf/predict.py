@@ -20,7 +20,7 @@ import logging
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from itertools import chain, islice
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +32,7 @@ from genreclf.data import crop_starts
 from genreclf.decide import Decision
 from genreclf.errors import GenreclfError, first_line
 from genreclf.featurize import CLIP_TIMEOUT, MIN_SECONDS, default_workers
-from genreclf.mel import log_mel, log_mel_batch, pad_or_trim, valid_frames
+from genreclf.mel import log_mel, pad_or_trim, valid_frames
 from genreclf.modelfile import ModelFile
 from genreclf.pool import pool_imap
 
@@ -336,28 +336,11 @@ class Tagger:
             return Prediction(source, self.genres, np.full(len(self.genres), np.nan), self.decision, warning=warning)
         return Prediction(source, self.genres, probabilities, self.decision)
 
-    def probabilities(self, wave: np.ndarray, windows_per_batch: int = 8) -> np.ndarray:
-        """Return genre probabilities of a mono 16-kHz waveform of any length."""
-        windows = (wave[s : s + N_SAMPLES] for s in range(0, max(len(wave), 1), N_SAMPLES))
-        return self._score_windows(windows, windows_per_batch)
-
-    def _score_windows(self, windows: Iterable[np.ndarray], windows_per_batch: int = 8) -> np.ndarray:
-        """Return genre probabilities of consecutive 30-s windows (the last may be shorter), frame-weighted."""
-        windows = iter(windows)
-        total, frames = 0.0, 0
-        padded = np.empty((windows_per_batch, N_SAMPLES), np.float32)  # one batch buffer: memory bounded
-        while True:
-            valid = []
-            for chunk in islice(windows, windows_per_batch):  # copied in as they come: no list of windows held
-                row = padded[len(valid)]
-                row[: len(chunk)], row[len(chunk) :] = chunk, 0.0
-                valid.append(valid_frames(len(chunk), N_FRAMES))
-            if not valid:
-                break
-            x = torch.from_numpy(padded[: len(valid)]).to(self.device)
-            v = torch.tensor(valid, device=self.device)
-            with torch.no_grad():
-                probs = score_features(self.model, log_mel_batch(x), v, self.crop, self.n_crops)
-            total = total + (v.float()[:, None] * probs).sum(0)
-            frames += int(v.sum())
-        return (total / frames).cpu().numpy()
+    def probabilities(self, wave: np.ndarray, windows_per_batch: int = WINDOWS_PER_BATCH) -> np.ndarray:
+        """Return genre probabilities of a mono 16-kHz waveform of any length: every window, silent or not."""
+        batcher = _Batcher(self, windows_per_batch)  # the scoring of predict and predict_many
+        for s in range(0, max(len(wave), 1), N_SAMPLES):
+            window = wave[s : s + N_SAMPLES]
+            batcher.add(0, log_mel(pad_or_trim(window)), valid_frames(len(window), N_FRAMES))
+        batcher.flush()
+        return batcher.pop(0)
