@@ -368,6 +368,21 @@ def test_a_worker_that_dies_or_hangs_fails_its_clip_and_the_job_goes_on(corpus, 
             np.testing.assert_array_equal(array, store.features(int(paths[row].stem)))
 
 
+def test_a_ctrl_c_while_a_worker_starts_does_not_kill_it(corpus):
+    # A Ctrl-C reaches the whole process group, also a worker still importing (as one respawned after a crash).
+    from genreclf.featurize import _work
+    from genreclf.pool import _Pool
+
+    pool = _Pool(1, _work, None)
+    try:
+        process = pool.workers[0].process
+        os.kill(process.pid, signal.SIGINT)  # at once: the worker has not reached its own handler yet
+        assert pool.workers[0].conn.poll(60) and pool.workers[0].conn.recv() == "ready"
+        assert process.is_alive()
+    finally:
+        pool.close()
+
+
 def test_subset_and_genres_all(corpus, tmp_path):
     featurize(corpus, tmp_path / "small", subset="small", labels="genres_all", workers=1, progress=False)
     store = FeatureStore.open(tmp_path / "small")

@@ -39,7 +39,9 @@ def _worker_main(conn: Connection, work: Callable, init: Callable | None) -> Non
     is the backpressure: a worker blocks on send until the parent has read what it sent.
     """
     # Ctrl-C reaches the whole process group: the parent handles it (and stops us); no tracebacks from here.
+    # SIGINT came blocked from _start (so a Ctrl-C during our imports waits); ignoring it drops one pending.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _unblock_sigint()
     if init is not None:
         init()
     conn.send(_READY)
@@ -63,6 +65,16 @@ def _worker_main(conn: Connection, work: Callable, init: Callable | None) -> Non
             return
 
 
+def _block_sigint() -> None:
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+
+def _unblock_sigint() -> None:
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 @dataclass
 class _Worker:
     process: mp.process.BaseProcess
@@ -81,7 +93,13 @@ class _Pool:
     def _start(self) -> _Worker:
         parent, child = self.ctx.Pipe()
         process = self.ctx.Process(target=_worker_main, args=(child, self.work, self.init), daemon=True)
-        process.start()
+        # The child inherits the blocked mask: a Ctrl-C while it imports (before _worker_main ignores SIGINT)
+        # would be a KeyboardInterrupt traceback. Ours is delivered when we unblock it.
+        _block_sigint()
+        try:
+            process.start()
+        finally:
+            _unblock_sigint()
         child.close()
         return _Worker(process, parent)
 
