@@ -255,3 +255,91 @@ def test_predict_many_holds_a_few_windows_not_the_file(model_path, tmp_path):
         tracemalloc.stop()
     assert result.error == "" and result.probabilities.shape == (5,)
     assert peak < 0.1 * minutes * 60 * rate * 4, f"peak {peak / 1e6:.1f} MB"  # 8 windows' features: 4 MB
+
+
+def test_timeline_segments_and_their_crops():
+    from genreclf.timeline import segments_of
+
+    # 10-s segments of a full window: 312.5 frames each, so two 256-frame crops cover each one.
+    full = segments_of(0, 30 * SAMPLE_RATE, 10.0, 256)
+    assert [(s.start, s.end, s.frames, s.crops) for s in full] == [
+        (0.0, 10.0, (0, 312), [(0, 256), (56, 256)]),
+        (10.0, 20.0, (312, 625), [(312, 256), (369, 256)]),
+        (20.0, 30.0, (625, 938), [(625, 256), (682, 256)]),
+    ]
+    # The third window of a 72-s track (12 s: 375 frames): a whole segment and a 2-s one, one centred crop.
+    last = segments_of(2, 12 * SAMPLE_RATE, 10.0, 256)
+    assert [(s.start, s.end, s.frames, s.crops) for s in last] == [
+        (60.0, 70.0, (0, 312), [(0, 256), (56, 256)]),
+        (70.0, 72.0, (312, 375), [(119, 256)]),  # centred at 343.5, moved back inside the window
+    ]
+    # Less than half a second after the last whole segment is folded into it.
+    assert [(s.start, s.end) for s in segments_of(1, int(10.3 * SAMPLE_RATE), 10.0, 256)] == [(30.0, 40.3)]
+    # 5-s segments are shorter than a crop: one crop centred on each.
+    assert [s.crops for s in segments_of(1, 30 * SAMPLE_RATE, 5.0, 256)][:2] == [[(0, 256)], [(106, 256)]]
+
+
+def test_timeline_known_answer_and_silent_segments(model_path, tmp_path):
+    from genreclf.mel import log_mel, pad_or_trim
+
+    rng = np.random.default_rng(11)
+    noise = lambda seconds: 0.1 * rng.standard_normal(int(seconds * SAMPLE_RATE)).astype(np.float32)  # noqa: E731
+    silence = lambda seconds: np.zeros(int(seconds * SAMPLE_RATE), np.float32)  # noqa: E731
+    # Window 0: music then silence; window 1: silent; window 2: 12 s of music.
+    wave = np.concatenate([noise(15), silence(15), silence(30), noise(12)])
+    path = _write(tmp_path / "mix.wav", wave)
+    tagger = Tagger.load(model_path, device="cpu", n_crops=2)
+    result = tagger.predict(path, timeline=5)
+    line = result.timeline
+    np.testing.assert_allclose(line.starts, np.arange(0, 72, 5.0))
+    assert line.ends[-1] == 72.0 and (line.ends[:-1] == line.starts[1:]).all()
+    silent = np.isnan(line.probabilities).all(1)
+    assert silent.tolist() == [False] * 3 + [True] * 9 + [False] * 3
+    # Known answer: segment [65, 70) is the crop of 256 frames centred on frames [156, 312) of window 2.
+    features = log_mel(pad_or_trim(wave[60 * SAMPLE_RATE :]))
+    with torch.no_grad():
+        x = torch.from_numpy(features[106 : 106 + 256])[None]
+        expected = torch.sigmoid(tagger.model(x, torch.tensor([256])))[0].numpy()
+    np.testing.assert_allclose(line.probabilities[13], expected, rtol=0, atol=1e-6)
+    assert np.abs(line.probabilities[13] - line.probabilities[12]).max() > 1e-4  # segments differ: a real check
+    # predict_many gives the same timeline, in worker processes or not, files sharing batches.
+    for workers in (0, 1):
+        (many,) = tagger.predict_many([path], workers=workers, windows_per_batch=2, timeline=5)
+        np.testing.assert_allclose(many.timeline.probabilities, line.probabilities, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(many.probabilities, result.probabilities, rtol=0, atol=1e-6)
+    assert tagger.predict(path).timeline is None
+    with pytest.raises(GenreclfError, match="divide 30 s"):
+        tagger.predict(path, timeline=7)
+
+
+def test_cli_timeline_and_plots(model_path, tmp_path, capsys):
+    rng = np.random.default_rng(12)
+    music = tmp_path / "a" / "song.wav"
+    music.parent.mkdir()
+    _write(music, 0.1 * rng.standard_normal(40 * SAMPLE_RATE).astype(np.float32))
+    namesake = tmp_path / "b" / "song.wav"  # the same file name in another folder
+    namesake.parent.mkdir()
+    _write(namesake, 0.1 * rng.standard_normal(12 * SAMPLE_RATE).astype(np.float32))
+    plots = tmp_path / "plots"
+    args = ["predict", str(model_path), str(music.parent), str(namesake), "--crops", "2", "--top", "2", "-q"]
+    assert main([*args, "--format", "json", "--timeline", "10", "--plot", str(plots)]) == 0
+    records = {r["file"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    line = records[str(music)]["timeline"]
+    assert line["step"] == 10.0 and [(s["start"], s["end"]) for s in line["segments"]] == [
+        (0.0, 10.0),
+        (10.0, 20.0),
+        (20.0, 30.0),
+        (30.0, 40.0),
+    ]
+    assert all(len(s["genres"]) == 2 for s in line["segments"])
+    pictures = {records[str(f)]["plot"] for f in (music, namesake)}
+    assert len(pictures) == 2 and all(Path(p).parent == plots for p in pictures)
+    for picture in pictures:
+        assert Path(picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main([*args[:3], "--plot", str(plots), "-q"]) == 0  # --plot alone: a 10-s timeline in the table
+    assert "0:10.0" in capsys.readouterr().out
+    assert main([*args, "--format", "csv", "--timeline", "10"]) == 2
+    assert "CSV rows have no room for a timeline" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*args, "--timeline", "7"])
+    assert "divide 30 s" in capsys.readouterr().err

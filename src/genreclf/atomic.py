@@ -42,3 +42,8 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> None:
 def atomic_savez(path: Path, **arrays: np.ndarray) -> None:
     """Save `arrays` as a compressed .npz atomically."""
     _replace_with(path, lambda f: np.savez_compressed(f, **arrays))
+
+
+def atomic_save_png(path: Path, figure) -> None:
+    """Save a matplotlib Figure as a PNG atomically."""
+    _replace_with(path, lambda f: figure.savefig(f, format="png"))

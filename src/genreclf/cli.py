@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import inspect
 import io
 import json
@@ -72,6 +73,19 @@ def _probability(text: str) -> float:
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"expected a probability between 0 and 1, not {value}")
     return value
+
+
+def _step_seconds(text: str) -> float:
+    from genreclf.timeline import check_step
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds per timeline segment, e.g. 10, not {text!r}") from None
+    try:
+        return check_step(value)
+    except GenreclfError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 # --- commands -------------------------------------------------------------------------------
@@ -203,14 +217,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
+    from genreclf import timeline
     from genreclf.predict import Prediction, Tagger, find_inputs
     from genreclf.progress import progress_bar
 
     if args.resume and not args.out:
         raise GenreclfError("--resume needs --out: the file whose recorded files to skip")
+    step = args.timeline if args.timeline is not None else (timeline.DEFAULT_STEP if args.plot else None)
+    if step is not None and "csv" in (args.format, args.out and args.out.suffix.lower().lstrip(".")):
+        raise GenreclfError("--timeline and --plot need JSON or table output: CSV rows have no room for a timeline")
     tagger = Tagger.load(args.model, crop=args.crop, n_crops=args.crops)
     _check_decisions(tagger, args)
     files, errors = find_inputs(args.inputs)
+    plots = _Plots(args.plot, files) if args.plot else None
     out = _ResultsFile(args.out, args.resume) if args.out else None
     done = out.recorded if out else set()
     errors = [(source, error) for source, error in errors if os.path.abspath(source) not in done]
@@ -232,6 +251,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         record = _record(prediction, args.top)
         if "error" not in record and "warning" not in record:
             record.update(_decision_fields(prediction, args))
+        if plots and "error" not in record and "warning" not in record:
+            record["plot"] = plots.draw(prediction)
         failed += "error" in record
         if out:
             out.write(record)
@@ -242,7 +263,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     try:
         for source, error in errors:
             emit(Prediction(source, tagger.genres, [], error=error))
-        for prediction in tagger.predict_many(todo, args.workers):
+        for prediction in tagger.predict_many(todo, args.workers, timeline=step):
             emit(prediction)
             bar.update()
     finally:
@@ -417,7 +438,44 @@ def _record(prediction, top: int) -> dict:
     record = {"file": file, "genres": [{"genre": g, "probability": round(p, 4)} for g, p in prediction.top(top)]}
     if prediction.warning:
         record["warning"] = prediction.warning
+    if prediction.timeline is not None:
+        line = prediction.timeline
+        segments = [
+            {
+                "start": round(float(start), 3),
+                "end": round(float(end), 3),
+                "genres": [{"genre": g, "probability": round(p, 4)} for g, p in genres],
+            }
+            | ({} if genres else {"silent": True})
+            for start, end, genres in zip(line.starts, line.ends, line.top(top, prediction.genres))
+        ]
+        record["timeline"] = {"step": line.step, "segments": segments}
     return record
+
+
+class _Plots:
+    """`predict --plot DIR`: one PNG per file, FILE_NAME.png; files of the same name add a hash of their path."""
+
+    def __init__(self, folder: Path, files: list[Path]):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise GenreclfError(f"--plot {folder}: cannot create the folder ({e.strerror})") from None
+        self.folder = folder
+        stems = [Path(f).stem for f in files]
+        self.shared = {stem for stem in stems if stems.count(stem) > 1}
+
+    def draw(self, prediction) -> str:
+        """Draw `prediction`'s timeline; return the PNG's path."""
+        from genreclf import timeline
+
+        source = os.path.abspath(prediction.source)
+        stem = Path(source).stem
+        if stem in self.shared:
+            stem += "-" + hashlib.sha1(source.encode()).hexdigest()[:8]
+        path = self.folder / f"{stem}.png"
+        timeline.plot(prediction.timeline, prediction.genres, prediction.probabilities, path, Path(source).name)
+        return str(path)
 
 
 def _format_record(record: dict, fmt: str) -> str:
@@ -442,6 +500,12 @@ def _format_record(record: dict, fmt: str) -> str:
     ]
     if record.get("chosen") is not None:
         lines.append(f"  chosen: {', '.join(record['chosen']) or '(none)'}")
+    for segment in record.get("timeline", {}).get("segments", []):
+        minutes, seconds = divmod(segment["start"], 60)
+        genres = ", ".join(f"{g['genre']} {g['probability']:.2f}" for g in segment["genres"][:3]) or "(silent)"
+        lines.append(f"  {int(minutes):3d}:{seconds:04.1f}  {genres}")
+    if "plot" in record:
+        lines.append(f"  plot: {record['plot']}")
     return "\n".join(lines) + "\n"
 
 
@@ -855,9 +919,10 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
         "windows, each window scored over evenly spaced crops, and the audible windows averaged; silent audio "
         "gets no genres and a warning. Files are decoded in worker processes and each result is printed (and "
         "appended to --out) as soon as it is done, in the order files finish. One record per file: "
-        'JSON Lines {"file", "genres": [{"genre", "probability"}, ...], "warning"?} or {"file", "error"}; CSV '
-        "rows file,rank,genre,probability,error. A file that cannot be read gets an error record; the others are "
-        "still tagged, and the exit code is 1."
+        'JSON Lines {"file", "genres": [{"genre", "probability"}, ...], "chosen", "warning"?, "timeline"?, '
+        '"plot"?} or {"file", "error"}; CSV rows file,rank,genre,probability,chosen,error. --timeline adds '
+        '{"step", "segments": [{"start", "end", "genres"}, ...]} (silent segments: no genres); --plot draws it. '
+        "A file that cannot be read gets an error record; the others are still tagged, and the exit code is 1."
     )
     p.add_argument("model", help="model.safetensors (or the run folder holding it)")
     p.add_argument("inputs", nargs="+", type=Path, metavar="FILE_OR_DIR", help="audio files or folders")
@@ -896,6 +961,18 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
         "--with-parents",
         action="store_true",
         help="add the ancestors of each chosen genre from genres.csv (Metal brings Rock)",
+    )
+    p.add_argument(
+        "--timeline",
+        type=_step_seconds,
+        metavar="SECONDS",
+        help="also the top genres every SECONDS (e.g. 10), per segment, in each record (JSON or table)",
+    )
+    p.add_argument(
+        "--plot",
+        type=Path,
+        metavar="DIR",
+        help="write one PNG per file into DIR: the track's top genres over time (--timeline, default 10 s)",
     )
     p.set_defaults(func=cmd_predict)
 

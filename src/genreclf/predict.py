@@ -35,6 +35,7 @@ from genreclf.featurize import CLIP_TIMEOUT, MIN_SECONDS, default_workers
 from genreclf.mel import log_mel, pad_or_trim, valid_frames
 from genreclf.modelfile import ModelFile
 from genreclf.pool import pool_imap
+from genreclf.timeline import Timeline, assemble, check_step, segments_of
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class Prediction:
     decision: Decision | None = None  # the model's thresholds and genre tree, for `chosen`
     warning: str = ""  # e.g. silent audio: no genres given
     error: str = ""  # predict_many only: why the file could not be tagged
+    timeline: Timeline | None = None  # genres over time, when asked for
 
     def top(self, k: int = 5) -> list[tuple[str, float]]:
         """Return the k most probable (genre, probability) pairs, most probable first (none if not scored)."""
@@ -112,34 +114,51 @@ class _Level:
         return 10.0 * math.log10(power) if power > 0 else float("-inf")
 
 
-def _audible(windows: Iterable[np.ndarray], level: _Level) -> Iterator[tuple[np.ndarray, int]]:
-    """Yield (log-mel features (938, 128) float32, valid frames) of each window that is not silent."""
-    for window in windows:
+def _audible(
+    windows: Iterable[np.ndarray], level: _Level, step: float | None = None, crop: int = CROP_FRAMES
+) -> Iterator[tuple[np.ndarray | None, int, tuple[bool, ...]]]:
+    """Yield (log-mel features (938, 128) float32, samples, silent timeline segments) of each window.
+
+    Features are None for a silent window; with a timeline `step`, one flag per segment of the window
+    (True: silent), else ().
+    """
+    for index, window in enumerate(windows):
         level.samples += len(window)
         level.energy += float(np.dot(window, window))
-        if not audio.is_silent(window):
-            yield log_mel(pad_or_trim(window)), valid_frames(len(window), N_FRAMES)
+        if audio.is_silent(window):
+            yield None, len(window), ()
+            continue
+        segments = () if step is None else segments_of(index, len(window), step, crop)
+        silent = tuple(audio.is_silent(window[s.samples()]) for s in segments)
+        yield log_mel(pad_or_trim(window)), len(window), silent
 
 
-def _file_windows(path: str | Path, level: _Level, min_seconds: float = MIN_SECONDS) -> Iterator[tuple]:
-    """Yield the audible windows of the file at `path` (see _audible); AudioError when it is too short."""
+def _file_windows(
+    path: str | Path,
+    level: _Level,
+    step: float | None = None,
+    crop: int = CROP_FRAMES,
+    min_seconds: float = MIN_SECONDS,
+) -> Iterator[tuple]:
+    """Yield the windows of the file at `path` (see _audible); AudioError when it is too short."""
     windows = audio.stream(path, block_seconds=N_SAMPLES / SAMPLE_RATE)
     first = next(windows, np.zeros(0, np.float32))  # 30 s unless the whole file is shorter
     if len(first) < min_seconds * SAMPLE_RATE:
         raise audio.AudioError(f"{path}: too short ({len(first) / SAMPLE_RATE:.2f} s < {min_seconds} s)")
-    yield from _audible(chain([first], windows), level)
+    yield from _audible(chain([first], windows), level, step, crop)
 
 
 _WINDOW, _END = "window", "end"
 
 
-def _file_items(job: tuple[int, str]) -> Iterator[tuple]:
-    """Worker: yield (i, "window", features, valid) per audible window, then (i, "end", error, dBFS, details)."""
-    i, path = job
+def _file_items(job: tuple[int, str, float | None, int]) -> Iterator[tuple]:
+    """Worker: yield (i, "window", features or None, samples, silent segments) per window, then (i, "end", error,
+    dBFS, details)."""
+    i, path, step, crop = job
     level = _Level()
     try:
-        for features, valid in _file_windows(path, level):
-            yield i, _WINDOW, features, valid
+        for features, samples, silent in _file_windows(path, level, step, crop):
+            yield i, _WINDOW, features, samples, silent
     except GenreclfError as e:  # the decoders' words travel with it: a worker's own logging is not set up
         yield i, _END, str(e), 0.0, getattr(e, "details", "")
         return
@@ -174,22 +193,41 @@ def find_inputs(paths: Iterable[str | Path]) -> tuple[list[Path], list[tuple[str
 
 
 class _Batcher:
-    """Windows of many files scored together in batches; per-file frame-weighted sums of probabilities."""
+    """Windows of many files scored together in batches; per-file frame-weighted sums of probabilities.
 
-    def __init__(self, tagger: Tagger, size: int, threads: int | None = None):
-        self.tagger, self.size = tagger, size
+    With a timeline `step` (seconds), also each window's segments (see genreclf.timeline), per file.
+    """
+
+    def __init__(self, tagger: Tagger, size: int, threads: int | None = None, step: float | None = None):
+        self.tagger, self.size, self.step = tagger, size, step
         self.threads = threads  # torch threads while scoring (None: as they are)
         self.features = np.empty((size, N_FRAMES, N_MELS), np.float32)  # one batch buffer: memory bounded
         self.owners: list[int] = []  # the file of each row
         self.valid: list[int] = []
+        self.to_score: list[list] = []  # with a timeline: the audible segments of each row
+        self.crop = tagger.crop or N_FRAMES
         self.sums: dict[int, tuple[torch.Tensor, int]] = {}  # file -> (sum of frames x probabilities, frames)
+        self.seen: dict[int, int] = {}  # file -> windows added so far
+        self.segments: dict[int, list[tuple]] = {}  # file -> its timeline's (Segment, probabilities or None)
         self.limit = 1  # the first batch is one window, then twice as many each time up to `size`: a quick first result
 
-    def add(self, owner: int, features: np.ndarray, valid: int) -> bool:
-        """Queue one window; score the batch once it is full. Returns True when it scored."""
+    def add(self, owner: int, features: np.ndarray | None, samples: int, silent: tuple[bool, ...] = ()) -> bool:
+        """Queue one window (features None: silent; `silent`: its silent timeline segments); score the batch
+        once it is full. Returns True when it scored."""
+        window = self.seen.get(owner, 0)
+        self.seen[owner] = window + 1
+        if self.step is not None:  # silent segments: gaps in the timeline
+            segments = segments_of(window, samples, self.step, self.crop)
+            silent = silent or (features is None,) * len(segments)
+            self.segments.setdefault(owner, []).extend((s, None) for s, quiet in zip(segments, silent) if quiet)
+            self.to_score.append([s for s, quiet in zip(segments, silent) if not quiet])
+        if features is None:
+            if self.step is not None:
+                self.to_score.pop()
+            return False
         self.features[len(self.owners)] = features
         self.owners.append(owner)
-        self.valid.append(valid)
+        self.valid.append(valid_frames(samples, N_FRAMES))
         if len(self.owners) < self.limit:
             return False
         self.flush()
@@ -207,6 +245,8 @@ class _Batcher:
             torch.set_num_threads(self.threads)
         try:
             weighted = v.float()[:, None] * score_features(t.model, x, v, t.crop, t.n_crops)
+            if self.step is not None:
+                self._score_segments(x)
         finally:
             torch.set_num_threads(before)
         owners = torch.tensor(self.owners, device=t.device)
@@ -214,8 +254,30 @@ class _Batcher:
             rows = owners == owner
             total, frames = self.sums.get(owner, (0.0, 0))
             self.sums[owner] = (total + weighted[rows].sum(0), frames + int(v[rows].sum()))
-        self.owners, self.valid = [], []
+        self.owners, self.valid, self.to_score = [], [], []
         self.limit = min(self.size, 2 * self.limit)
+
+    @torch.no_grad()
+    def _score_segments(self, x: torch.Tensor) -> None:
+        """Score the timeline segments of the queued windows (features x on the model's device)."""
+        crops, owners = [], []  # (row, start, length) of every crop; (owner, segment, its crops' indices)
+        for row, (owner, segments) in enumerate(zip(self.owners, self.to_score)):
+            for segment in segments:
+                owners.append((owner, segment, range(len(crops), len(crops) + len(segment.crops))))
+                crops.extend((row, s, n) for s, n in segment.crops)
+        probabilities = torch.empty(len(crops), self.tagger.model.cfg.n_genres, device=x.device)
+        by_length: dict[int, list[int]] = {}
+        for i, (_, _, n) in enumerate(crops):
+            by_length.setdefault(n, []).append(i)
+        for n, indices in by_length.items():
+            for chunk in range(0, len(indices), 64):  # bounded batches: a window has at most 30 s / step crops
+                part = indices[chunk : chunk + 64]
+                batch = torch.stack([x[crops[i][0], crops[i][1] : crops[i][1] + n] for i in part])
+                lengths = torch.full((len(part),), n, device=x.device)
+                probabilities[part] = torch.sigmoid(self.tagger.model(batch, lengths))
+        for owner, segment, indices in owners:
+            mean = probabilities[list(indices)].mean(0).cpu().numpy().astype(np.float64)
+            self.segments.setdefault(owner, []).append((segment, mean))
 
     def pending(self, owner: int) -> bool:
         """Return True while windows of `owner` wait in the batch."""
@@ -223,8 +285,15 @@ class _Batcher:
 
     def pop(self, owner: int) -> np.ndarray | None:
         """Return the frame-weighted mean probabilities of `owner`'s windows (None if none) and forget them."""
+        self.seen.pop(owner, None)
         total, frames = self.sums.pop(owner, (None, 0))
         return None if not frames else (total / frames).cpu().numpy()
+
+    def pop_timeline(self, owner: int) -> Timeline | None:
+        """Return `owner`'s timeline (None without a step) and forget it."""
+        if self.step is None:
+            return None
+        return assemble(self.step, self.segments.pop(owner, []), self.tagger.model.cfg.n_genres)
 
 
 class Tagger:
@@ -253,12 +322,16 @@ class Tagger:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         return cls(ModelFile.load(path, device), device, **options)
 
-    def predict(self, source: str | Path | np.ndarray, sample_rate: int = SAMPLE_RATE) -> Prediction:
+    def predict(
+        self, source: str | Path | np.ndarray, sample_rate: int = SAMPLE_RATE, timeline: float | None = None
+    ) -> Prediction:
         """Return the genre probabilities of an audio file or a mono waveform at `sample_rate`.
 
         Silent audio gets no genres (NaN probabilities and a warning); a file shorter than
-        featurize.MIN_SECONDS is an AudioError, as an unreadable one is.
+        featurize.MIN_SECONDS is an AudioError, as an unreadable one is. `timeline` (seconds):
+        also the probabilities every that many seconds (Prediction.timeline).
         """
+        step = None if timeline is None else check_step(timeline)
         level = _Level()
         if isinstance(source, np.ndarray):
             if source.ndim != 1 or len(source) == 0:
@@ -266,15 +339,16 @@ class Tagger:
             if not np.isfinite(source).all():
                 raise GenreclfError("the waveform holds NaN or infinite samples; clean it (np.nan_to_num) first")
             wave = audio.resample(source, sample_rate)
-            windows = _audible((wave[s : s + N_SAMPLES] for s in range(0, len(wave), N_SAMPLES)), level)
+            pieces = (wave[s : s + N_SAMPLES] for s in range(0, len(wave), N_SAMPLES))
+            windows = _audible(pieces, level, step, self.crop or N_FRAMES)
             name = "<waveform>"
         else:  # decoded window by window: memory stays at a few windows however long the file is
-            windows, name = _file_windows(source, level), str(source)
-        batcher = _Batcher(self, WINDOWS_PER_BATCH)
-        for features, valid in windows:
-            batcher.add(0, features, valid)
+            windows, name = _file_windows(source, level, step, self.crop or N_FRAMES), str(source)
+        batcher = _Batcher(self, WINDOWS_PER_BATCH, step=step)
+        for features, samples, silent in windows:
+            batcher.add(0, features, samples, silent)
         batcher.flush()
-        return self._prediction(name, batcher.pop(0), level.dbfs())
+        return self._ended(name, batcher, 0, "", level.dbfs())
 
     def predict_many(
         self,
@@ -282,19 +356,21 @@ class Tagger:
         workers: int | None = None,
         windows_per_batch: int = WINDOWS_PER_BATCH,
         timeout: float = CLIP_TIMEOUT,
+        timeline: float | None = None,
     ) -> Iterator[Prediction]:
         """Yield a Prediction for every audio file in `paths` (folders walked recursively) as soon as it is done.
 
         Results come in the order files finish. A file that cannot be tagged (unreadable, too short,
         its decoder crashed or gave no window for `timeout` seconds) yields a Prediction with `error`
         set and the others go on. `workers` decoder processes (None: one per core; 0: decode in this
-        process). The probabilities equal `predict(path)`'s.
+        process). The probabilities (and the `timeline`, seconds per segment) equal `predict(path)`'s.
         """
+        step = None if timeline is None else check_step(timeline)
         files, errors = find_inputs(paths)
         nan = np.full(len(self.genres), np.nan)
         for source, error in errors:
             yield Prediction(source, self.genres, nan, self.decision, error=error)
-        jobs = ((i, str(path)) for i, path in enumerate(files))
+        jobs = ((i, str(path), step, self.crop or N_FRAMES) for i, path in enumerate(files))
         workers = min(default_workers() if workers is None else workers, len(files))
         if workers == 0:
             items = chain.from_iterable(map(_file_items, jobs))
@@ -302,13 +378,11 @@ class Tagger:
             items = pool_imap(jobs, workers, _file_items, _failed_file, timeout, init=_worker_init)
         # Cores busy decoding are not the model's: spinning threads waiting on them made scoring 3-10x slower.
         threads = max(1, torch.get_num_threads() - workers) if workers and self.device.type == "cpu" else None
-        batcher, ended = (
-            _Batcher(self, windows_per_batch, threads),
-            {},
-        )  # ended: file -> (error, level), windows pending
+        batcher = _Batcher(self, windows_per_batch, threads, step)
+        ended = {}  # file -> (error, level) of the files that ended with windows still in the batch
         for item in items:
             if item[1] == _WINDOW:
-                if batcher.add(item[0], item[2], item[3]):  # scored: the files that ended are done
+                if batcher.add(*item[0:1], *item[2:]):  # scored: the files that ended are done
                     for i in list(ended):
                         yield self._ended(str(files[i]), batcher, i, *ended.pop(i))
                 continue
@@ -324,23 +398,21 @@ class Tagger:
             yield self._ended(str(files[i]), batcher, i, *ended.pop(i))
 
     def _ended(self, source: str, batcher: _Batcher, i: int, error: str, level: float) -> Prediction:
-        probabilities = batcher.pop(i)
+        """The Prediction of file `i`, whose windows are all scored; none scored, or a silent whole: no genres."""
+        probabilities, timeline = batcher.pop(i), batcher.pop_timeline(i)
+        nan = np.full(len(self.genres), np.nan)
         if error:
-            return Prediction(source, self.genres, np.full(len(self.genres), np.nan), self.decision, error=error)
-        return self._prediction(source, probabilities, level)
-
-    def _prediction(self, source: str, probabilities: np.ndarray | None, level: float) -> Prediction:
-        """The Prediction of scored windows; none scored, or a silent whole, means silent: no genres."""
+            return Prediction(source, self.genres, nan, self.decision, error=error)
         if probabilities is None or level < audio.SILENCE_DBFS:
             warning = f"silent audio (RMS level {level:.0f} dBFS < {audio.SILENCE_DBFS:.0f} dBFS): not tagged"
-            return Prediction(source, self.genres, np.full(len(self.genres), np.nan), self.decision, warning=warning)
-        return Prediction(source, self.genres, probabilities, self.decision)
+            return Prediction(source, self.genres, nan, self.decision, warning=warning, timeline=timeline)
+        return Prediction(source, self.genres, probabilities, self.decision, timeline=timeline)
 
     def probabilities(self, wave: np.ndarray, windows_per_batch: int = WINDOWS_PER_BATCH) -> np.ndarray:
         """Return genre probabilities of a mono 16-kHz waveform of any length: every window, silent or not."""
         batcher = _Batcher(self, windows_per_batch)  # the scoring of predict and predict_many
         for s in range(0, max(len(wave), 1), N_SAMPLES):
             window = wave[s : s + N_SAMPLES]
-            batcher.add(0, log_mel(pad_or_trim(window)), valid_frames(len(window), N_FRAMES))
+            batcher.add(0, log_mel(pad_or_trim(window)), len(window))
         batcher.flush()
         return batcher.pop(0)
