@@ -27,8 +27,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import json  # noqa: E402
-import multiprocessing as mp  # noqa: E402
-import platform  # noqa: E402
 import resource  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
@@ -40,8 +38,8 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
+from common import build_corpus, describe_machine  # noqa: E402
 
-BITRATES = {256: 0.2222, 320: 0.0}  # kbit/s -> libsndfile compression_level for CBR MP3 (LAME)
 TARGET_DECODE_RATIO = 1.25  # ours CPU / decode-only CPU, at most
 TARGET_SPEEDUP = 1.4  # ours clips/s per core / reference clips/s per core, at least
 TARGET_DIFF = 1e-3  # max |ours - reference| on the normalised features
@@ -89,43 +87,6 @@ def measure(recipes: dict, items: list, rounds: int) -> dict[str, Timing]:
         )
         for name in recipes
     }
-
-
-# ---------------------------------------------------------------------------- corpus
-
-
-def _reencode(job: tuple[str, int]) -> None:
-    path, kbps = job
-    data, rate = sf.read(path, dtype="float32", always_2d=True)
-    tmp = path + ".tmp.mp3"
-    sf.write(
-        tmp,
-        data,
-        rate,
-        format="MP3",
-        subtype="MPEG_LAYER_III",
-        compression_level=BITRATES[kbps],
-        bitrate_mode="CONSTANT",
-    )
-    os.replace(tmp, path)
-
-
-def build_corpus(root: Path, n: int, seconds: float, workers: int) -> list[Path]:
-    """Return the MP3s of an FMA-layout corpus of n clips under root (reused when already there)."""
-    from genreclf.synth import make_corpus
-
-    done = root / "benchmark-corpus.json"
-    spec = {"clips": n, "seconds": seconds, "bitrates": sorted(BITRATES), "pattern": "(i // 2) % 2"}
-    if not (done.exists() and json.loads(done.read_text()) == spec):
-        t0 = time.perf_counter()
-        make_corpus(root, n, seconds=seconds, seed=0, workers=workers)
-        paths = sorted((root / "fma_large").rglob("*.mp3"))
-        jobs = [(str(p), 320 if (i // 2) % 2 else 256) for i, p in enumerate(paths)]  # both in each half
-        with mp.get_context("spawn").Pool(workers) as pool:
-            pool.map(_reencode, jobs)
-        done.write_text(json.dumps(spec))
-        print(f"corpus: {n} clips of {seconds:g} s written in {time.perf_counter() - t0:.0f} s")
-    return sorted((root / "fma_large").rglob("*.mp3"))
 
 
 # ---------------------------------------------------------------------------- recipes
@@ -290,24 +251,10 @@ def featurize_in_subprocess(data: Path, out: Path, workers: int, shard: tuple[in
 
 
 def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import librosa
-    import torch
 
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
-    return (
-        f"{model}, {os.cpu_count()} CPUs ({usable} usable, load average {load}), Python {platform.python_version()}, "
-        f"torch {torch.__version__}, librosa {librosa.__version__}, soundfile {sf.__version__} "
-        f"(libsndfile {sf.__libsndfile_version__})"
-    )
+    versions = f"librosa {librosa.__version__}, soundfile {sf.__version__} (libsndfile {sf.__libsndfile_version__})"
+    return describe_machine(versions)
 
 
 def main() -> None:
