@@ -409,11 +409,13 @@ def test_defaults_are_the_librarys_own_and_help_shows_them(capsys):
         optim.plateau_patience,
     )
     pretrain = parse(["pretrain", "--store", "s", "--out", "o"])
-    assert (pretrain.lr, pretrain.mask_ratio, pretrain.plateau_patience) == (
+    assert (pretrain.masking, pretrain.lr, pretrain.mask_ratio, pretrain.plateau_patience) == (
+        pre.masking,
         pre.lr,
         pre.mask_ratio,
         pre.plateau_patience,
     )
+    assert parse(["pretrain", "--store", "s", "--out", "o", "--masking", "reference"]).masking == "reference"
     featurize = parse(["featurize", "--data", "d", "--out", "o"])
     assert (featurize.min_seconds, featurize.clip_timeout) == (MIN_SECONDS, CLIP_TIMEOUT)
     for command in (["evaluate", "m", "--store", "s"], ["predict", "m", "f"]):

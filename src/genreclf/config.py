@@ -51,12 +51,18 @@ class TrainConfig:
             raise GenreclfError(f"pos_weight must be > 0, got {self.pos_weight}")
 
 
+MASKINGS = ("span", "reference")  # pretraining masks: ours (spans, learned mask vector) or the reference's
+
+
 @dataclass(frozen=True)
 class PretrainConfig:
     """Masking and optimisation settings of masked-frame pretraining."""
 
-    mask_ratio: float = 0.15  # target fraction of real frames to mask (BERT's rate)
-    mask_span: int = 8  # frames per masked span (~0.26 s); 1 masks single frames
+    masking: str = "span"  # "span": spans of mask_span frames, ~mask_ratio of them, replaced by a learned vector;
+    # "reference": the reference's random_mask (a frame starts a mask with probability 0.1, a masked frame's
+    # successor stays masked with probability 0.5 more: ~18% of frames in runs of 2.2), masked frames set to 0
+    mask_ratio: float = 0.15  # span masking: target fraction of real frames to mask (BERT's rate)
+    mask_span: int = 8  # span masking: frames per masked span (~0.26 s); 1 masks single frames
     lr: float = 1e-4  # Adam learning rate (the reference's transformer_pretrain)
     beta1: float = 0.9  # Adam beta_1
     beta2: float = 0.999  # Adam beta_2: Keras' default, as the reference's Adam(1e-4) for pretraining
@@ -72,6 +78,8 @@ class PretrainConfig:
             raise GenreclfError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
         if self.mask_span < 1:
             raise GenreclfError(f"mask_span must be >= 1, got {self.mask_span}")
+        if self.masking not in MASKINGS:
+            raise GenreclfError(f"unknown masking {self.masking!r}; use one of {', '.join(MASKINGS)}")
 
 
 def _check_optim(cfg: TrainConfig | PretrainConfig) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from genreclf import audio, timeline
 from genreclf.atomic import atomic_write_text
 from genreclf.config import FitConfig, TrainConfig
 from genreclf.evaluate import evaluate, fmt
@@ -82,6 +83,7 @@ def run_demo(
     )
     print()
     examples = _examples(out, corpus, store, results)
+    mix = _timeline(out, corpus, store)
     t = time.perf_counter()
     report = build_report(run_dirs, out / "report", n_boot=1000, progress=False)
     timings["report"] = time.perf_counter() - t
@@ -91,6 +93,7 @@ def run_demo(
         "results": results,
         "reference_split_gru": leaky,
         "examples": examples,
+        "timeline": mix,
         "report": str(report.markdown),
     }
     atomic_write_text(out / "demo.json", json.dumps(summary, indent=1))
@@ -154,3 +157,29 @@ def _examples(out: Path, corpus: Path, store: FeatureStore, results: list[dict],
         examples.append(record)
     print()
     return examples
+
+
+def _timeline(out: Path, corpus: Path, store: FeatureStore, genres: int = 3, clips: int = 2, step: float = 5.0) -> dict:
+    """Tag a mix of test clips of different genres with the GRU, every `step` s; draw it to out/timeline.png."""
+    by_genre: dict[int, list[int]] = {}
+    for pos in np.flatnonzero(store.split == "test"):
+        own = np.flatnonzero(store.targets[pos])
+        if len(own) == 1:  # single-genre clips: the mix changes genre where the clips change
+            by_genre.setdefault(int(own[0]), []).append(int(store.track_ids[pos]))
+    chosen = sorted((g for g in by_genre if len(by_genre[g]) >= clips), key=lambda g: -len(by_genre[g]))[:genres]
+    parts, changes, at = [], [], 0.0
+    for g in chosen:
+        changes.append((at, store.genres[g]))
+        for track_id in by_genre[g][:clips]:
+            parts.append(audio.load(audio_path(corpus / "fma_large", track_id)))
+            at += len(parts[-1]) / audio.SAMPLE_RATE
+    if len(chosen) < 2:
+        log.info("demo: too few single-genre test clips for a timeline")
+        return {}
+    mix = np.concatenate(parts)
+    result = Tagger.load(out / "runs" / "gru").predict(mix, timeline=step)
+    title = "GRU on a mix of synthetic test clips: " + ", ".join(f"{g} from {timeline.hms(t)}" for t, g in changes)
+    path = timeline.plot(result.timeline, result.genres, result.probabilities, out / "timeline.png", title)
+    print(f"timeline of a {len(mix) / audio.SAMPLE_RATE:.0f}-s mix of test clips ({title.split(': ')[1]}): {path}")
+    print()
+    return {"clips": [[t, g] for t, g in changes], "step": step, "png": str(path)}

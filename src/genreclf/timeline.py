@@ -106,6 +106,11 @@ def assemble(step: float, scored: list[tuple[Segment, np.ndarray | None]], n_gen
     return Timeline(step, starts, ends, probabilities)
 
 
+def hms(seconds: float) -> str:
+    """Return m:ss for a time in seconds."""
+    return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
+
+
 def plot(timeline: Timeline, genres: list[str], overall: np.ndarray, path: Path, title: str, n: int = 4) -> Path:
     """Draw the `n` genres most probable over the whole track (`overall`) against time; write a PNG at `path`."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -128,7 +133,7 @@ def plot(timeline: Timeline, genres: list[str], overall: np.ndarray, path: Path,
     ax.set_xlim(0, edges[-1] if len(edges) else 1)
     ax.set_xlabel(f"time (min:s), {timeline.step:g}-s segments")
     ax.set_ylabel("probability")
-    ax.xaxis.set_major_formatter(lambda x, _: f"{int(x // 60)}:{int(x % 60):02d}")
+    ax.xaxis.set_major_formatter(lambda x, _: hms(x))
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="track's top genres", title_fontsize=8)
