@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 # Pinned versions of everything installed (see the file's header; `make constraints` refreshes it).
 CONSTRAINTS ?= constraints.txt
 
-.PHONY: all setup test lint demo constraints clean
+.PHONY: all setup test lint demo demo-pretraining constraints clean
 
 all: test
 
@@ -29,6 +29,10 @@ test: lint
 
 demo: setup
 	$(VENV)/bin/genreclf demo --out demo_out
+
+# The demo, then pretraining with each masking + fine-tuning, against the Transformer from scratch.
+demo-pretraining: setup
+	$(VENV)/bin/genreclf demo --out demo_out --pretraining
 
 # Newest releases that pyproject.toml allows, in a throw-away venv, frozen into constraints.txt.
 constraints:

@@ -571,6 +571,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from genreclf.demo import run_demo
 
     run_demo(args.out, tracks=args.tracks, seconds=args.seconds, epochs=args.epochs, progress=not args.quiet)
+    if args.pretraining:
+        from genreclf.demo_pretrain import run_pretraining_demo
+
+        run_pretraining_demo(args.out, epochs=args.epochs, progress=not args.quiet)
     return 0
 
 
@@ -1129,6 +1133,12 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--epochs", type=_positive_int, default=_default(run_demo, "epochs"), help="training epochs per model"
+    )
+    p.add_argument(
+        "--pretraining",
+        action="store_true",
+        help="then pretrain the Transformer's encoder with each masking (span, reference), fine-tune from each and "
+        "compare with the Transformer from scratch on the test split",
     )
     p.set_defaults(func=cmd_demo)
 
