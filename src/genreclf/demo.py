@@ -159,27 +159,27 @@ def _examples(out: Path, corpus: Path, store: FeatureStore, results: list[dict],
     return examples
 
 
-def _timeline(out: Path, corpus: Path, store: FeatureStore, genres: int = 3, clips: int = 2, step: float = 5.0) -> dict:
-    """Tag a mix of test clips of different genres with the GRU, every `step` s; draw it to out/timeline.png."""
-    by_genre: dict[int, list[int]] = {}
+def _timeline(out: Path, corpus: Path, store: FeatureStore, groups: int = 3, clips: int = 2, step: float = 5.0) -> dict:
+    """Tag a mix of test clips with different genres with the GRU, every `step` s; draw it to out/timeline.png."""
+    by_genres: dict[tuple[int, ...], list[int]] = {}  # test clips by their exact set of genres
     for pos in np.flatnonzero(store.split == "test"):
-        own = np.flatnonzero(store.targets[pos])
-        if len(own) == 1:  # single-genre clips: the mix changes genre where the clips change
-            by_genre.setdefault(int(own[0]), []).append(int(store.track_ids[pos]))
-    chosen = sorted((g for g in by_genre if len(by_genre[g]) >= clips), key=lambda g: -len(by_genre[g]))[:genres]
+        own = tuple(int(g) for g in np.flatnonzero(store.targets[pos]))
+        by_genres.setdefault(own, []).append(int(store.track_ids[pos]))
+    chosen = sorted((g for g in by_genres if len(by_genres[g]) >= clips), key=lambda g: -len(by_genres[g]))[:groups]
+    if len(chosen) < 2:
+        log.info("demo: too few test clips of shared genres for a timeline")
+        return {}
     parts, changes, at = [], [], 0.0
-    for g in chosen:
-        changes.append((at, store.genres[g]))
-        for track_id in by_genre[g][:clips]:
+    for genre_set in chosen:
+        changes.append((at, "+".join(store.genres[g] for g in genre_set)))
+        for track_id in by_genres[genre_set][:clips]:
             parts.append(audio.load(audio_path(corpus / "fma_large", track_id)))
             at += len(parts[-1]) / audio.SAMPLE_RATE
-    if len(chosen) < 2:
-        log.info("demo: too few single-genre test clips for a timeline")
-        return {}
     mix = np.concatenate(parts)
     result = Tagger.load(out / "runs" / "gru").predict(mix, timeline=step)
-    title = "GRU on a mix of synthetic test clips: " + ", ".join(f"{g} from {timeline.hms(t)}" for t, g in changes)
-    path = timeline.plot(result.timeline, result.genres, result.probabilities, out / "timeline.png", title)
-    print(f"timeline of a {len(mix) / audio.SAMPLE_RATE:.0f}-s mix of test clips ({title.split(': ')[1]}): {path}")
+    clips_said = ", ".join(f"{g} from {timeline.hms(t)}" for t, g in changes)
+    path = out / "timeline.png"
+    timeline.plot(result.timeline, result.genres, result.probabilities, path, f"demo GRU, {clips_said}")
+    print(f"timeline of a {len(mix) / audio.SAMPLE_RATE:.0f}-s mix of test clips ({clips_said}): {path}")
     print()
     return {"clips": [[t, g] for t, g in changes], "step": step, "png": str(path)}

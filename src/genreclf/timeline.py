@@ -111,8 +111,15 @@ def hms(seconds: float) -> str:
     return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
 
 
-def plot(timeline: Timeline, genres: list[str], overall: np.ndarray, path: Path, title: str, n: int = 4) -> Path:
-    """Draw the `n` genres most probable over the whole track (`overall`) against time; write a PNG at `path`."""
+def plot(timeline: Timeline, genres: list[str], overall: np.ndarray, path: Path, title: str, n: int = 5) -> Path:
+    """Draw `n` genres against time: each segment's most probable one (in order of time), then the highest
+    peaks; write a PNG at `path`.
+
+    Not the track's top genres (`overall`, shown in the legend): in a mix, the genre of one part is the
+    point even when the track as a whole is something else.
+    """
+    import textwrap
+
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -122,10 +129,12 @@ def plot(timeline: Timeline, genres: list[str], overall: np.ndarray, path: Path,
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     edges = np.append(timeline.starts, timeline.ends[-1:])  # segments are contiguous
-    for column in np.argsort(-np.nan_to_num(overall, nan=-1.0), kind="stable")[:n]:
-        if not np.isnan(overall[column]):
-            label = f"{genres[column]} ({overall[column]:.2f})"
-            ax.stairs(timeline.probabilities[:, column], edges, label=label, lw=1.8, baseline=None)
+    scored = timeline.probabilities[~np.isnan(timeline.probabilities).all(1)]
+    leaders = list(dict.fromkeys(int(c) for c in scored.argmax(1)))  # each segment's top genre, by time
+    peaks = [int(c) for c in np.argsort(-scored.max(0), kind="stable")] if len(scored) else []
+    for column in list(dict.fromkeys(leaders + peaks))[:n]:
+        label = f"{genres[column]} (track: {overall[column]:.2f})"
+        ax.stairs(timeline.probabilities[:, column], edges, label=label, lw=1.8, baseline=None)
     silent = np.isnan(timeline.probabilities).all(1)
     for k, (start, end) in enumerate(zip(timeline.starts[silent], timeline.ends[silent])):
         ax.axvspan(start, end, color="0.88", lw=0, label="silent" if k == 0 else None)
@@ -134,9 +143,9 @@ def plot(timeline: Timeline, genres: list[str], overall: np.ndarray, path: Path,
     ax.set_xlabel(f"time (min:s), {timeline.step:g}-s segments")
     ax.set_ylabel("probability")
     ax.xaxis.set_major_formatter(lambda x, _: hms(x))
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, 95)), fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="track's top genres", title_fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="segments' top genres", title_fontsize=8)
     fig.tight_layout()
     atomic_save_png(path, fig)
     return path
