@@ -343,3 +343,10 @@ def test_cli_timeline_and_plots(model_path, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*args, "--timeline", "7"])
     assert "divide 30 s" in capsys.readouterr().err
+
+
+def test_the_prediction_path_does_not_import_pandas():
+    # Every decoder worker imports genreclf.predict: what it does not need, it must not pay for.
+    code = "import sys, genreclf.predict; print('pandas' in sys.modules, 'lightning' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]

@@ -37,6 +37,7 @@ N_FRAMES = 1 + N_SAMPLES // HOP_LENGTH  # 938 frames (centred STFT)
 # Audio whose RMS level is below this is treated as silence: no genres are learnt from it or given to it.
 # -60 dBFS RMS is ~40 dB below quiet music (a pianissimo passage sits near -40 dBFS RMS) and well above
 # dither and encoder noise floors (below -90 dBFS); a digitally silent clip has no level at all (-inf).
+MIN_SECONDS = 1.0  # shorter audio is not tagged (featurize records it as failed): too little to tell
 SILENCE_DBFS = -60.0
 
 AUDIO_EXTENSIONS = (".mp3", ".wav", ".flac", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".aiff", ".aif", ".wma")

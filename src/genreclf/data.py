@@ -9,6 +9,7 @@ with the corpus.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -16,8 +17,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from genreclf.config import SPLITS
 from genreclf.errors import GenreclfError
-from genreclf.metadata import reference_split
-from genreclf.store import FeatureStore
+
+if TYPE_CHECKING:  # annotations only: the prediction path imports crop_starts without pandas
+    from genreclf.store import FeatureStore
 
 
 def split_positions(store: FeatureStore, part: str, split: str = "official", seed: int = 0) -> np.ndarray:
@@ -25,6 +27,8 @@ def split_positions(store: FeatureStore, part: str, split: str = "official", see
     if split == "official":
         names = store.split
     elif split == "reference":
+        from genreclf.metadata import reference_split  # pandas: not for the prediction path's imports
+
         names = reference_split(store.track_ids, seed=seed)
     else:
         raise GenreclfError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")

@@ -22,10 +22,10 @@ import torch
 
 from genreclf import audio, metadata
 from genreclf.atomic import atomic_write_text
-from genreclf.audio import N_FRAMES, N_MELS, N_SAMPLES, SignalConfig
+from genreclf.audio import MIN_SECONDS, N_FRAMES, N_MELS, N_SAMPLES, SignalConfig
 from genreclf.errors import GenreclfError, first_line
 from genreclf.mel import log_mel, log_mel_batch, pad_or_trim, valid_frames
-from genreclf.pool import pool_map
+from genreclf.pool import CLIP_TIMEOUT, default_workers, pool_map
 from genreclf.progress import progress_bar
 from genreclf.store import PartWriter, StoreHeader, part_name
 
@@ -34,10 +34,6 @@ log = logging.getLogger(__name__)
 # FMA's archive folder names, in order of preference: the 30-s clips of the reference recipe
 # (large holds medium holds small), then fma_full's untrimmed tracks (their first 30 s).
 AUDIO_FOLDERS = ("fma_large", "fma_medium", "fma_small", "fma_full")
-MIN_SECONDS = 1.0  # shorter clips are recorded as failed: too little audio to tag
-# Seconds one clip may take in a worker before its decoder counts as hung. A 30-s FMA clip takes
-# 0.05 s of CPU here (README); 60 s leaves a 1000x margin for slow disks and loaded machines.
-CLIP_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True)
@@ -89,12 +85,6 @@ def shard_from_env() -> tuple[int, int]:
 
 
 SLURM_SPECIAL_STEPS = 0xFFFFFFF0  # SLURM numbers its batch, extern and interactive steps from 0xFFFFFFFA up
-
-
-def default_workers() -> int:
-    """One worker process per usable core, shared among the ranks on this machine under torchrun."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def _check_device(device: str | None) -> str | None:

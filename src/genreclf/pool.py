@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing as mp
+import os
 import signal
 import time
 from collections import deque
@@ -27,7 +28,10 @@ log = logging.getLogger(__name__)
 
 CHUNK = 4  # jobs per message: fewer round trips between the parent and its workers
 IN_FLIGHT_PER_WORKER = 2 * CHUNK  # jobs queued per worker: results never pile up in the parent
-DEFAULT_TIMEOUT = 60.0  # seconds one job may take (a 30-s clip takes ~0.05 s; see featurize.CLIP_TIMEOUT)
+# Seconds one clip may take in a worker before its decoder counts as hung. A 30-s FMA clip takes
+# 0.05 s of CPU here (README); 60 s leaves a 1000x margin for slow disks and loaded machines.
+CLIP_TIMEOUT = 60.0
+DEFAULT_TIMEOUT = CLIP_TIMEOUT  # seconds one job may take
 _READY = "ready"
 
 
@@ -63,6 +67,12 @@ def _worker_main(conn: Connection, work: Callable, init: Callable | None) -> Non
                     conn.send((index, (result,), True))
         except (BrokenPipeError, ConnectionResetError):  # the parent is gone (killed): nobody to answer
             return
+
+
+def default_workers() -> int:
+    """One worker process per usable core, shared among the ranks on this machine under torchrun."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def _block_sigint() -> None:

@@ -27,14 +27,13 @@ import numpy as np
 import torch
 
 from genreclf import audio
-from genreclf.audio import N_FRAMES, N_MELS, N_SAMPLES, SAMPLE_RATE
+from genreclf.audio import MIN_SECONDS, N_FRAMES, N_MELS, N_SAMPLES, SAMPLE_RATE
 from genreclf.data import crop_starts
 from genreclf.decide import Decision
 from genreclf.errors import GenreclfError, first_line
-from genreclf.featurize import CLIP_TIMEOUT, MIN_SECONDS, default_workers
 from genreclf.mel import log_mel, pad_or_trim, valid_frames
 from genreclf.modelfile import ModelFile
-from genreclf.pool import pool_imap
+from genreclf.pool import CLIP_TIMEOUT, default_workers, pool_imap
 from genreclf.timeline import Timeline, assemble, check_step, segments_of
 
 log = logging.getLogger(__name__)
