@@ -247,7 +247,9 @@ class PretrainModule(_ValidationLoss, L.LightningModule):
         # Same attribute name as in TransformerTagger, so keys are "encoder.*" in both.
         self.encoder = TransformerEncoder(self.model_config)
         # Learned rather than 0: zero is an ordinary log-mel value (-40 dB below the clip's peak).
-        self.mask_vector = nn.Parameter(torch.zeros(n_mels))
+        # Unused by the reference's masking (masked frames set to 0): frozen then, as DDP waits for every
+        # trainable parameter's gradient.
+        self.mask_vector = nn.Parameter(torch.zeros(n_mels), requires_grad=self.pretrain_config.masking == "span")
         self.recon = FrameReconstructionHead(n_mels)
         init_keras_style(self)
 
