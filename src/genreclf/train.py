@@ -101,7 +101,7 @@ class EpochLog(Callback):
             torch.manual_seed(hash((self.seed, trainer.current_epoch, trainer.global_rank)) % 2**63)
 
     def on_train_epoch_end(self, trainer, module) -> None:
-        m = trainer.callback_metrics
+        m = trainer.callback_metrics  # read by every DDP process: reading it sums train_loss across them
         values = {
             "epoch": trainer.current_epoch,
             "train_loss": float(m.get("train_loss", float("nan"))),
@@ -109,7 +109,7 @@ class EpochLog(Callback):
             "lr": trainer.optimizers[0].param_groups[0]["lr"],
             "epoch_seconds": round(time.monotonic() - self.t_epoch, 2),
         }
-        if not trainer.is_global_zero:  # every process has the same values; one writes and reports them
+        if not trainer.is_global_zero:  # the same values on every process: one writes and reports them
             return
         with open(self.path, "a") as f:
             f.write(",".join(str(values[c]) for c in self.COLUMNS) + "\n")
