@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from genreclf.config import FitConfig, PretrainConfig, TrainConfig
+from genreclf.errors import GenreclfError
 from genreclf.lightning_modules import PretrainModule, TaggerModule
 from genreclf.models import GRUConfig, TransformerConfig
 from genreclf.train import train
@@ -114,6 +115,9 @@ def test_two_processes_sharing_each_batch_train_as_one(store_dir, tmp_path):
     for x, y in zip(epochs(one), epochs(two), strict=True):
         for key in ("train_loss", "val_loss"):
             assert abs(x[key] - y[key]) <= 1e-5 * abs(x[key]), (key, x[key], y[key])
+    # a run resumes with the model config it started with, not the default one
+    with pytest.raises(GenreclfError, match="was started with GRUConfig.*pool_dropout=0.0"):
+        train(store_dir, two, dataclasses.replace(FIT, epochs=3), OPTIM, resume=True, progress=False)
 
 
 @pytest.mark.parametrize(

@@ -43,7 +43,7 @@ from genreclf.data import CropBatchSampler, EvenCropSampler, loader, split_posit
 from genreclf.errors import GenreclfError, first_line
 from genreclf.lightning_modules import PretrainModule, TaggerModule
 from genreclf.modelfile import ModelFile, save_tensors
-from genreclf.models import GRUConfig, ModelConfig, TransformerConfig, config_to_dict, count_parameters
+from genreclf.models import GRUConfig, ModelConfig, TransformerConfig, config_from_dict, count_parameters
 from genreclf.progress import hms
 from genreclf.provenance import git_revision
 from genreclf.store import FeatureStore
@@ -213,9 +213,10 @@ def _check_resumable(last: Path, model_config: ModelConfig) -> int:
             f"{last.parent.parent} was started with model {config.get('kind')!r} on {config.get('n_genres')} genres, "
             f"not {kind!r} on {n_genres}; resume with the same --model and --store, or pick a new --out"
         )
-    if config != config_to_dict(model_config):
+    started = config_from_dict(config)  # keys added since the run started take their defaults
+    if started != model_config:
         raise GenreclfError(
-            f"{last.parent.parent} was started with model config {config}, not {config_to_dict(model_config)}; "
+            f"{last.parent.parent} was started with {started}, not {model_config}; "
             "resume with the same model config, or pick a new --out"
         )
     return int(checkpoint.get("epoch", -1)) + 1  # checkpoints are written at the end of an epoch
