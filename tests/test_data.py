@@ -26,11 +26,42 @@ def test_crop_batches_are_reproducible_and_within_real_frames():
 def test_ddp_ranks_get_disjoint_equal_shares():
     positions = np.arange(10)
     shares = [
-        list(CropBatchSampler(np.full(10, 938), positions, 2, 128, 256, seed=1, rank=r, world_size=3)) for r in range(3)
+        list(CropBatchSampler(np.full(10, 938), positions, 6, 128, 256, seed=1, rank=r, world_size=3)) for r in range(3)
     ]
     seen = [p for share in shares for batch in share for p, _, _ in batch]
     assert len({len(share) for share in shares}) == 1  # DDP hangs if ranks run different batch counts
+    assert all(len(batch) in (2, 1) for share in shares for batch in share)  # 6 / 3 each; the last: 4 padded to 6
     assert set(seen) == set(range(10)) and len(seen) == 12  # 10 tracks padded to 3 x 4
+
+
+def test_ddp_ranks_share_the_one_process_batches():
+    # batch_size is the global batch: the ranks' shares of each batch are what one process draws
+    valid = np.array([938, 300, 100, 938, 500, 938, 64, 200, 700, 250, 938, 150])
+    args = valid, np.arange(12), 4, 128, 256, 5
+    one = list(CropBatchSampler(*args, first_epoch=2))
+    for world in (2, 4):
+        shares = [list(CropBatchSampler(*args, rank=r, world_size=world, first_epoch=2)) for r in range(world)]
+        assert all(len(share) == len(one) == len(CropBatchSampler(*args, rank=0, world_size=world)) for share in shares)
+        for b, batch in enumerate(one):
+            assert batch == [shares[i % world][b][i // world] for i in range(len(batch))]
+    with pytest.raises(GenreclfError, match="multiple of the 3 .*--batch-size 3$"):
+        CropBatchSampler(*args, rank=0, world_size=3)
+    with pytest.raises(GenreclfError, match="--batch-size 3$"):
+        EvenCropSampler(valid, np.arange(12), 4, 256, rank=0, world_size=3)
+
+
+def test_ddp_validation_counts_each_clip_once():
+    valid = np.array([938, 100, 500, 300, 938])
+    one = [item for batch in EvenCropSampler(valid, np.arange(5), 4, 256) for item in batch]
+    for world in (2, 4):
+        shares = [list(EvenCropSampler(valid, np.arange(5), 4, 256, rank=r, world_size=world)) for r in range(world)]
+        assert len({len(share) for share in shares}) == 1 and all(batch for share in shares for batch in share)
+        items = [item for share in shares for batch in share for item in batch]
+        assert sorted(item for item in items if len(item) == 3) == sorted(one)  # each clip once, counted
+        padding = [item for item in items if len(item) == 4]
+        assert len(items) % world == 0 and all(item[3] == 0 and item[:3] in one for item in padding)
+    # one clip on two ranks: rank 1's only batch is a duplicate
+    assert list(EvenCropSampler(valid[:1], np.arange(1), 2, 256, rank=1, world_size=2)) == [[(0, 341, 256, 0)]]
 
 
 def test_validation_crops_are_centred_and_fixed():
@@ -46,6 +77,8 @@ def test_collate_pads_and_keeps_lengths():
     ]
     batch = collate(items)
     assert batch["x"].shape == (2, 5, 128) and batch["lengths"].tolist() == [5, 3]
+    assert batch["counted"].tolist() == [True, True]
+    assert collate([(*items[0], 1), (*items[1], 0)])["counted"].tolist() == [True, False]
     assert float(batch["x"][1, 3:].abs().sum()) == 0.0 and batch["y"].dtype.is_floating_point
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -10,9 +11,14 @@ from typing import BinaryIO
 import numpy as np
 
 
+def _temporary(path: Path) -> Path:
+    """Return a temporary name beside `path`, unique per machine and process (run folders may be shared)."""
+    return path.with_name(f".{path.name}.tmp.{socket.gethostname()}.{os.getpid()}")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write `text` to `path` so that readers see the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = _temporary(path)
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
@@ -22,7 +28,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def _replace_with(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Write a temporary file beside `path` with `write`, fsync it, then rename it onto `path`."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = _temporary(path)
     try:
         with open(tmp, "wb") as f:
             write(f)

@@ -157,6 +157,8 @@ def _fit_config(args: argparse.Namespace, model: str):
         pretrained=getattr(args, "pretrained", None),
         accelerator=args.accelerator,
         devices=args.devices,
+        num_nodes=args.num_nodes,
+        strategy=args.strategy,
     )
 
 
@@ -838,7 +840,10 @@ def _add_fit(p: argparse.ArgumentParser, optimiser: type) -> None:
     p.add_argument("--out", type=Path, required=True, help="run folder to write")
     p.add_argument("--epochs", type=_positive_int, default=_default(FitConfig, "epochs"), help="maximum epochs")
     p.add_argument(
-        "--batch-size", type=_positive_int, default=_default(FitConfig, "batch_size"), help="tracks per batch"
+        "--batch-size",
+        type=_positive_int,
+        default=_default(FitConfig, "batch_size"),
+        help="tracks per batch, in all: under DDP each of the processes takes an equal share (a divisor)",
     )
     p.add_argument(
         "--min-crop", type=_positive_int, default=_default(FitConfig, "min_crop"), help="shortest random crop, frames"
@@ -881,7 +886,18 @@ def _add_fit(p: argparse.ArgumentParser, optimiser: type) -> None:
     p.add_argument(
         "--devices",
         default=_default(FitConfig, "devices"),
-        help="Lightning devices: auto, or a number of GPUs/processes (e.g. 4 for DDP)",
+        help="Lightning devices per machine: auto, or a number of GPUs/processes (e.g. 4 for DDP)",
+    )
+    p.add_argument(
+        "--num-nodes",
+        type=_positive_int,
+        default=_default(FitConfig, "num_nodes"),
+        help="machines (DDP, launched by torchrun or SLURM srun); --batch-size is shared by devices x nodes processes",
+    )
+    p.add_argument(
+        "--strategy",
+        default=_default(FitConfig, "strategy"),
+        help="Lightning strategy: auto, or ddp (one process per device, launched by torchrun or srun; gloo on CPU)",
     )
     p.add_argument("--resume", action="store_true", help="continue OUT from its last checkpoint")
 

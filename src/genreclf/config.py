@@ -28,7 +28,9 @@ class FitConfig:
     early_stopping: int = 0  # stop after this many epochs without a better val_loss (0: never)
     pretrained: str | None = None  # encoder.safetensors from `genreclf pretrain` (transformer only)
     accelerator: str = "auto"  # Lightning accelerator: auto, cpu, gpu
-    devices: str = "1"  # Lightning devices: 1 unless asked ("auto" takes every GPU: DDP); "4" for DDP on 4 GPUs
+    devices: str = "1"  # Lightning devices per machine: 1 unless asked ("auto" takes every GPU); "4" for DDP on 4 GPUs
+    num_nodes: int = 1  # machines; devices x num_nodes processes (launched by torchrun or srun) share each batch
+    strategy: str = "auto"  # Lightning strategy: auto, or ddp (one process per device; gloo on CPU, NCCL on GPU)
 
 
 @dataclass(frozen=True)

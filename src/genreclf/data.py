@@ -58,7 +58,11 @@ def crop_starts(n_frames: int, crop: int, n_crops: int) -> list[int]:
 
 
 class CropDataset(Dataset):
-    """Items are (position, start, length) triples; returns float32 crops with their targets."""
+    """Items are (position, start, length[, counted]) tuples; returns float32 crops, targets and counted.
+
+    `counted` is 0 for a duplicate that pads a DDP rank's share of the validation set (its loss is left
+    out) and 1 otherwise, the default.
+    """
 
     def __init__(self, store: FeatureStore):
         self.store = store
@@ -66,20 +70,21 @@ class CropDataset(Dataset):
     def __len__(self) -> int:
         return len(self.store)
 
-    def __getitem__(self, item: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
-        position, start, length = item
+    def __getitem__(self, item: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, int]:
+        position, start, length, *counted = item
         crop = np.asarray(self.store.item(position)[start : start + length], dtype=np.float32)
-        return crop, self.store.targets[position]
+        return crop, self.store.targets[position], counted[0] if counted else 1
 
 
-def collate(items: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
-    """Stack crops into a zero-padded batch with their real lengths and float targets."""
-    lengths = [len(x) for x, _ in items]
+def collate(items: list[tuple]) -> dict[str, torch.Tensor]:
+    """Stack crops into a zero-padded batch with their real lengths, float targets and "counted" flags."""
+    lengths = [len(item[0]) for item in items]
     x = np.zeros((len(items), max(lengths), items[0][0].shape[1]), np.float32)
-    for i, (crop, _) in enumerate(items):
-        x[i, : len(crop)] = crop
-    y = np.stack([t for _, t in items]).astype(np.float32)
-    return {"x": torch.from_numpy(x), "lengths": torch.tensor(lengths), "y": torch.from_numpy(y)}
+    for i, item in enumerate(items):
+        x[i, : len(item[0])] = item[0]
+    y = np.stack([item[1] for item in items]).astype(np.float32)
+    counted = torch.tensor([bool(item[2]) if len(item) > 2 else True for item in items])
+    return {"x": torch.from_numpy(x), "lengths": torch.tensor(lengths), "y": torch.from_numpy(y), "counted": counted}
 
 
 class CropBatchSampler(Sampler):
@@ -88,6 +93,10 @@ class CropBatchSampler(Sampler):
     Short clips give shorter crops (their real frames only); the model masks the padding.
     Iteration i draws epoch first_epoch + i, from default_rng([seed, epoch]): a run resumed at
     epoch e (first_epoch=e) draws the crops the uninterrupted run drew.
+
+    `batch_size` is the global batch: under DDP every rank draws the batches one process draws and
+    takes members rank::world_size of each (batch_size / world_size of them), so the ranks' mean
+    gradients, which DDP averages, are the gradient of the global batch's mean loss.
     """
 
     def __init__(
@@ -98,12 +107,13 @@ class CropBatchSampler(Sampler):
         min_frames: int,
         max_frames: int,
         seed: int = 0,
-        rank: int | None = None,
-        world_size: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
         first_epoch: int = 0,
     ):
         if not 1 <= min_frames <= max_frames:
             raise GenreclfError(f"crop lengths must satisfy 1 <= min <= max, got {min_frames}..{max_frames}")
+        _check_share(batch_size, rank, world_size)
         self.valid_frames = np.asarray(valid_frames)
         self.positions = np.asarray(positions)
         self.batch_size, self.min_frames, self.max_frames = batch_size, min_frames, max_frames
@@ -111,58 +121,77 @@ class CropBatchSampler(Sampler):
         self.rank, self.world_size = rank, world_size
 
     def __len__(self) -> int:
-        _, world = _rank_and_world(self.rank, self.world_size)
-        per_rank = -(-len(self.positions) // world)  # ceil: every rank gets as many tracks
-        return -(-per_rank // self.batch_size)
+        return -(-_padded_length(len(self.positions), self.world_size) // self.batch_size)
 
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
         # The sampler counts epochs itself, as DataLoader workers prefetch an epoch's first batches
         # before the trainer's epoch hooks run. No set_epoch: trainers call it at times of their choosing.
         rng = np.random.default_rng([self.seed, self.epoch])
         self.epoch += 1
-        order = _this_rank(rng.permutation(self.positions), self.rank, self.world_size)
+        order = rng.permutation(self.positions)
+        # Under DDP the epoch is padded (wrapping) to a multiple of world_size, so that every rank gets as
+        # many batches and none is empty; the duplicates are drawn last, after all the one-process draws.
+        order = np.resize(order, _padded_length(len(order), self.world_size))
+        mine = slice(self.rank, None, self.world_size)
         for b in range(0, len(order), self.batch_size):
             batch = order[b : b + self.batch_size]
             length = int(rng.integers(self.min_frames, self.max_frames + 1))
             valid = self.valid_frames[batch]
             starts = (rng.random(len(batch)) * (np.maximum(valid - length, 0) + 1)).astype(np.int64)
-            yield [(int(p), int(s), int(min(length, v))) for p, s, v in zip(batch, starts, valid)]
+            yield [(int(p), int(s), int(min(length, v))) for p, s, v in zip(batch[mine], starts[mine], valid[mine])]
 
 
-def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    if rank is not None and world_size is not None:
-        return rank, world_size
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+def _check_share(batch_size: int, rank: int, world_size: int) -> None:
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in a world of {world_size}")
+    if batch_size < 1 or batch_size % world_size:
+        raise GenreclfError(
+            f"batch size {batch_size} is the global batch and must be a multiple of the {world_size} training "
+            f"processes (devices x nodes); use e.g. --batch-size {max(1, batch_size // world_size) * world_size}"
+        )
 
 
-def _this_rank(order: np.ndarray, rank: int | None, world_size: int | None) -> np.ndarray:
-    """Return this DDP rank's share of `order`: disjoint, equal-sized (wrapping), as DDP needs."""
-    rank, world = _rank_and_world(rank, world_size)
-    if world == 1:
-        return order
-    per_rank = -(-len(order) // world)
-    padded = np.resize(order, per_rank * world)  # repeats the first few so every rank has as many
-    return padded[rank::world]
+def _padded_length(n: int, world_size: int) -> int:
+    """Return n rounded up to a multiple of world_size: the length of an epoch's order under DDP."""
+    return -(-n // world_size) * world_size
 
 
 class EvenCropSampler(Sampler):
-    """Deterministic batches of one crop each, for validation: the centre `length` frames of each track."""
+    """Deterministic batches of one crop each, for validation: the centre `length` frames of each track.
 
-    def __init__(self, valid_frames: np.ndarray, positions: np.ndarray, batch_size: int, length: int):
+    Under DDP rank r takes members r::world_size of each batch of `batch_size` tracks; the tracks are
+    padded (wrapping) to a multiple of world_size, and the duplicates come with counted=0, so that a
+    loss over every rank's counted clips is the loss over the validation set, each clip once.
+    """
+
+    def __init__(
+        self,
+        valid_frames: np.ndarray,
+        positions: np.ndarray,
+        batch_size: int,
+        length: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        _check_share(batch_size, rank, world_size)
         self.valid_frames, self.positions = np.asarray(valid_frames), np.asarray(positions)
         self.batch_size, self.length = batch_size, length
+        self.rank, self.world_size = rank, world_size
 
     def __len__(self) -> int:
-        return -(-len(self.positions) // self.batch_size)
+        return -(-_padded_length(len(self.positions), self.world_size) // self.batch_size)
 
-    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
-        for b in range(0, len(self.positions), self.batch_size):
-            batch = self.positions[b : b + self.batch_size]
-            valid = self.valid_frames[batch]
-            starts = [crop_starts(int(v), self.length, 1)[0] for v in valid]
-            yield [(int(p), int(s), int(min(self.length, v))) for p, s, v in zip(batch, starts, valid)]
+    def __iter__(self) -> Iterator[list[tuple[int, ...]]]:
+        n = len(self.positions)
+        padded = np.resize(self.positions, _padded_length(n, self.world_size))
+        for b in range(0, len(padded), self.batch_size):
+            index = np.arange(b, min(b + self.batch_size, len(padded)))[self.rank :: self.world_size]
+            batch = []
+            for i, p in zip(index, padded[index]):
+                v = int(self.valid_frames[p])
+                item = (int(p), crop_starts(v, self.length, 1)[0], min(self.length, v))
+                batch.append(item if i < n else (*item, 0))
+            yield batch
 
 
 def loader(store: FeatureStore, sampler: Sampler, workers: int = 0) -> DataLoader:

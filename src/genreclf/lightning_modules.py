@@ -118,17 +118,36 @@ def _adam_with_plateau(module: L.LightningModule, cfg: TrainConfig | PretrainCon
     }
 
 
-def _log_epoch(module: L.LightningModule, name: str, loss: Tensor, batch: dict[str, Tensor]) -> None:
-    # Epoch means weighted by batch size, averaged across DDP ranks.
-    module.log(
-        name,
-        loss,
-        on_step=False,
-        on_epoch=True,
-        prog_bar=True,
-        sync_dist=True,
-        batch_size=len(batch["x"]),
-    )
+def _log_train_loss(module: L.LightningModule, loss: Tensor, clips: int) -> None:
+    # Lightning sums loss x clips and clips on each process and divides their means over the processes: the
+    # epoch's mean over all clips, exactly as one process computes it, as every process trains on as many clips.
+    module.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=clips)
+
+
+class _ValidationLoss:
+    """Logs val_loss at the end of validation: the mean over every validation clip, however they were shared.
+
+    Not Lightning's sync_dist mean, which averages the processes' integer clip counts with integer division
+    (1 clip on 2 processes counts as 0): each process sums loss x clips and clips, and the sums are summed.
+    """
+
+    _val_sums: Tensor | None = None
+
+    def _add_val_loss(self, loss: Tensor, clips: int) -> None:
+        sums = torch.stack([loss.detach().float() * clips, torch.tensor(float(clips), device=loss.device)])
+        self._val_sums = sums if self._val_sums is None else self._val_sums + sums
+
+    def on_validation_epoch_end(self) -> None:
+        sums = self._val_sums if self._val_sums is not None else torch.zeros(2, device=self.device)
+        self._val_sums = None
+        total = self.trainer.strategy.reduce(sums, reduce_op="sum")  # one process: itself
+        self.log("val_loss", total[0] / total[1], prog_bar=True)
+
+
+def _counted(batch: dict[str, Tensor]) -> Tensor:
+    """Return the batch's (B,) bool flags of clips that count: False on duplicates that pad a DDP rank's share."""
+    counted = batch.get("counted")
+    return torch.ones(len(batch["x"]), dtype=torch.bool, device=batch["x"].device) if counted is None else counted
 
 
 def _as_model_config(cfg: ModelConfig | dict[str, Any]) -> ModelConfig:
@@ -149,7 +168,7 @@ def _as_dataclass(cls: type, cfg: Any) -> Any:
     raise TypeError(f"expected {cls.__name__} or dict, got {type(cfg).__name__}")
 
 
-class TaggerModule(L.LightningModule):
+class TaggerModule(_ValidationLoss, L.LightningModule):
     """Supervised multi-label training of a GRUTagger or TransformerTagger."""
 
     def __init__(
@@ -179,13 +198,16 @@ class TaggerModule(L.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """Return the weighted BCE of one batch."""
         loss = self._loss(batch)
-        _log_epoch(self, "train_loss", loss, batch)
+        _log_train_loss(self, loss, len(batch["x"]))
         return loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        """Log the weighted BCE of one validation batch."""
-        loss = self._loss(batch)
-        _log_epoch(self, "val_loss", loss, batch)
+        """Log the weighted BCE of one validation batch, over its counted clips."""
+        counted = _counted(batch)
+        clips = int(counted.sum())
+        # DDP's padding duplicates are left out; a rank's share of a tiny set can be duplicates only: 0 over 0 clips.
+        loss = self._loss({k: v[counted] for k, v in batch.items()}) if clips else batch["x"].new_zeros(())
+        self._add_val_loss(loss, clips)
 
     def on_train_epoch_end(self) -> None:
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_epoch=True)
@@ -194,7 +216,7 @@ class TaggerModule(L.LightningModule):
         return _adam_with_plateau(self, self.train_config)
 
 
-class PretrainModule(L.LightningModule):
+class PretrainModule(_ValidationLoss, L.LightningModule):
     """Masked-frame pretraining of a TransformerTagger's encoder.
 
     Masked real frames (random spans, replaced by a learned mask vector; or, with masking="reference",
@@ -225,12 +247,23 @@ class PretrainModule(L.LightningModule):
         # Same attribute name as in TransformerTagger, so keys are "encoder.*" in both.
         self.encoder = TransformerEncoder(self.model_config)
         # Learned rather than 0: zero is an ordinary log-mel value (-40 dB below the clip's peak).
-        self.mask_vector = nn.Parameter(torch.zeros(n_mels))
+        # Unused by the reference's masking (masked frames set to 0): frozen then, as DDP waits for every
+        # trainable parameter's gradient.
+        self.mask_vector = nn.Parameter(torch.zeros(n_mels), requires_grad=self.pretrain_config.masking == "span")
         self.recon = FrameReconstructionHead(n_mels)
         init_keras_style(self)
 
-    def masked_loss(self, x: Tensor, lengths: Tensor | None, generator: torch.Generator | None = None) -> Tensor:
-        """Return the mean absolute error (the reference's pretraining loss) over masked real frames."""
+    def masked_loss(
+        self,
+        x: Tensor,
+        lengths: Tensor | None,
+        generator: torch.Generator | None = None,
+        counted: Tensor | None = None,
+    ) -> Tensor:
+        """Return the mean absolute error (the reference's pretraining loss) over masked real frames.
+
+        `counted` (B,) bool leaves out clips that do not count (DDP's padding duplicates in validation).
+        """
         b, t, _ = x.shape
         if lengths is None:
             lengths = torch.full((b,), t, dtype=torch.int64, device=x.device)
@@ -241,6 +274,8 @@ class PretrainModule(L.LightningModule):
         else:
             mask = span_mask(lengths, t, cfg.mask_ratio, cfg.mask_span, generator)  # real frames only
             fill = self.mask_vector.to(x.dtype)
+        if counted is not None:
+            mask &= counted.unsqueeze(1)
         if not mask.any():  # a batch of very short crops can draw no mask at all: nothing to reconstruct
             mask[:, 0] = lengths > 0
         x_in = torch.where(mask.unsqueeze(-1), fill, x)
@@ -250,15 +285,16 @@ class PretrainModule(L.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """Return the masked-frame mean absolute error of one batch."""
         loss = self.masked_loss(batch["x"], batch.get("lengths"))
-        _log_epoch(self, "train_loss", loss, batch)
+        _log_train_loss(self, loss, len(batch["x"]))
         return loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         """Log the masked-frame mean absolute error of one validation batch."""
         # The same masks every epoch, so that val_loss moves only when the model does.
         gen = torch.Generator(device=batch["x"].device).manual_seed(batch_idx)
-        loss = self.masked_loss(batch["x"], batch.get("lengths"), gen)
-        _log_epoch(self, "val_loss", loss, batch)
+        counted = _counted(batch)
+        loss = self.masked_loss(batch["x"], batch.get("lengths"), gen, counted)
+        self._add_val_loss(loss, int(counted.sum()))  # a batch of duplicates only: 0 clips
 
     def on_train_epoch_end(self) -> None:
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_epoch=True)

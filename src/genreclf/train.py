@@ -8,6 +8,9 @@ A run folder holds everything a run made:
     RUN/settings.json           the settings a resume must repeat (split, seed, crops, optimiser, store)
     RUN/logs/metrics.csv        train_loss, val_loss and lr per epoch (TensorBoard too, if installed)
     RUN/checkpoints/last.ckpt   for `--resume` after an interruption; best.ckpt
+
+Under DDP (torchrun or srun launch one process per device; Lightning reads their environment) every
+process runs `train` and shares each batch (genreclf.data); process 0 alone writes the run folder.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from genreclf.data import CropBatchSampler, EvenCropSampler, loader, split_posit
 from genreclf.errors import GenreclfError, first_line
 from genreclf.lightning_modules import PretrainModule, TaggerModule
 from genreclf.modelfile import ModelFile, save_tensors
-from genreclf.models import GRUConfig, TransformerConfig, count_parameters
+from genreclf.models import GRUConfig, ModelConfig, TransformerConfig, config_from_dict, count_parameters
 from genreclf.progress import hms
 from genreclf.provenance import git_revision
 from genreclf.store import FeatureStore
@@ -78,6 +81,8 @@ class EpochLog(Callback):
 
     def on_train_start(self, trainer, module) -> None:
         self.t0, self.first_epoch = time.monotonic(), trainer.current_epoch
+        if not trainer.is_global_zero:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if self.path.exists():  # a resumed run: keep the epochs before the checkpoint
@@ -96,7 +101,7 @@ class EpochLog(Callback):
             torch.manual_seed(hash((self.seed, trainer.current_epoch, trainer.global_rank)) % 2**63)
 
     def on_train_epoch_end(self, trainer, module) -> None:
-        m = trainer.callback_metrics
+        m = trainer.callback_metrics  # read by every DDP process: reading it sums train_loss across them
         values = {
             "epoch": trainer.current_epoch,
             "train_loss": float(m.get("train_loss", float("nan"))),
@@ -104,9 +109,10 @@ class EpochLog(Callback):
             "lr": trainer.optimizers[0].param_groups[0]["lr"],
             "epoch_seconds": round(time.monotonic() - self.t_epoch, 2),
         }
-        if trainer.is_global_zero:
-            with open(self.path, "a") as f:
-                f.write(",".join(str(values[c]) for c in self.COLUMNS) + "\n")
+        if not trainer.is_global_zero:  # the same values on every process: one writes and reports them
+            return
+        with open(self.path, "a") as f:
+            f.write(",".join(str(values[c]) for c in self.COLUMNS) + "\n")
         done = trainer.current_epoch + 1
         elapsed = time.monotonic() - self.t0
         per_epoch = elapsed / max(1, done - self.first_epoch)
@@ -122,9 +128,29 @@ class EpochLog(Callback):
         )
 
 
+@dataclass
+class _Run:
+    """A checked run, ready to fit: what `_prepare` returns."""
+
+    store: FeatureStore
+    run_dir: Path
+    ckpt: Path | None  # last.ckpt to resume from
+    trainer: L.Trainer
+    loaders: tuple
+    counts: tuple[int, int]  # training and validation tracks
+    model_config: ModelConfig
+
+
 def _prepare(
-    store_path: str | Path, run_dir: str | Path, fit: FitConfig, optim: TrainConfig | PretrainConfig, resume: bool
-):
+    store_path: str | Path,
+    run_dir: str | Path,
+    fit: FitConfig,
+    optim: TrainConfig | PretrainConfig,
+    resume: bool,
+    progress: bool,
+    callbacks: Sequence[Callback],
+    model_config: ModelConfig | None,
+) -> _Run:
     store = FeatureStore.open(store_path)
     run_dir = Path(run_dir)
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -132,26 +158,45 @@ def _prepare(
         raise GenreclfError(f"{run_dir}: nothing to resume (no checkpoints/last.ckpt); train without --resume")
     if not resume and (last.exists() or (run_dir / "model.safetensors").exists()):
         raise GenreclfError(f"{run_dir} already holds a run; add --resume to continue it or pick a new --out")
-    next_epoch = _check_resumable(last, fit, len(store.genres)) if resume else 0
     if fit.model not in MODELS:
         raise GenreclfError(f"unknown model {fit.model!r}; use one of {', '.join(MODELS)}")
+    model_config = model_config or MODELS[fit.model](n_genres=len(store.genres))
+    if model_config.kind != fit.model or model_config.n_genres != len(store.genres):
+        raise GenreclfError(
+            f"the model config is for {model_config.kind!r} on {model_config.n_genres} genres, not {fit.model!r} "
+            f"on the store's {len(store.genres)}"
+        )
+    next_epoch = _check_resumable(last, model_config) if resume else 0
     if fit.epochs < 1 or fit.batch_size < 1:
         raise GenreclfError("epochs and batch size must be at least 1")
-    _check_settings(run_dir, _settings(store, fit, optim), resume)
+    with _quiet_lightning():
+        trainer = _trainer(run_dir, fit, progress, callbacks)  # knows this process's rank and the world size
+    rank, world = trainer.global_rank, trainer.world_size
+    _check_settings(run_dir, _settings(store, fit, optim), resume, write=trainer.is_global_zero)
     L.seed_everything(fit.seed, workers=True, verbose=False)
     train_pos = split_positions(store, "training", fit.split, fit.seed)
     val_pos = split_positions(store, "validation", fit.split, fit.seed)
-    # A resumed run draws the crops the uninterrupted run would have drawn from next_epoch on.
+    # A resumed run draws the crops the uninterrupted run would have drawn from next_epoch on, on any
+    # number of processes: batch_size is the global batch, of which each process takes its share.
     sampler = CropBatchSampler(
-        store.valid_frames, train_pos, fit.batch_size, fit.min_crop, fit.max_crop, fit.seed, first_epoch=next_epoch
+        store.valid_frames,
+        train_pos,
+        fit.batch_size,
+        fit.min_crop,
+        fit.max_crop,
+        fit.seed,
+        rank=rank,
+        world_size=world,
+        first_epoch=next_epoch,
     )
-    val_sampler = EvenCropSampler(store.valid_frames, val_pos, fit.batch_size, fit.val_crop)
+    val_sampler = EvenCropSampler(store.valid_frames, val_pos, fit.batch_size, fit.val_crop, rank, world)
     loaders = loader(store, sampler, fit.workers), loader(store, val_sampler, fit.workers)
-    return store, run_dir, last if resume else None, loaders, (len(train_pos), len(val_pos))
+    counts = len(train_pos), len(val_pos)
+    return _Run(store, run_dir, last if resume else None, trainer, loaders, counts, model_config)
 
 
-def _check_resumable(last: Path, fit: FitConfig, n_genres: int) -> int:
-    """Refuse to resume a run with another model or genre vocabulary; return the epoch to resume at."""
+def _check_resumable(last: Path, model_config: ModelConfig) -> int:
+    """Refuse to resume a run with another model, model config or genre vocabulary; return the epoch to resume at."""
     try:  # weights_only: tensors and plain values only, as unpickling anything else can run code
         checkpoint = torch.load(last, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -162,15 +207,24 @@ def _check_resumable(last: Path, fit: FitConfig, n_genres: int) -> int:
     except (RuntimeError, EOFError, ValueError) as e:
         raise GenreclfError(f"{last}: cannot read the checkpoint ({first_line(e, 80)}); pick a new --out") from None
     config = checkpoint.get("hyper_parameters", {}).get("model_config", {})
-    if config.get("kind") != fit.model or config.get("n_genres") != n_genres:
+    kind, n_genres = model_config.kind, model_config.n_genres
+    if config.get("kind") != kind or config.get("n_genres") != n_genres:
         raise GenreclfError(
             f"{last.parent.parent} was started with model {config.get('kind')!r} on {config.get('n_genres')} genres, "
-            f"not {fit.model!r} on {n_genres}; resume with the same --model and --store, or pick a new --out"
+            f"not {kind!r} on {n_genres}; resume with the same --model and --store, or pick a new --out"
+        )
+    started = config_from_dict(config)  # keys added since the run started take their defaults
+    if started != model_config:
+        raise GenreclfError(
+            f"{last.parent.parent} was started with {started}, not {model_config}; "
+            "resume with the same model config, or pick a new --out"
         )
     return int(checkpoint.get("epoch", -1)) + 1  # checkpoints are written at the end of an epoch
 
 
-RESUMABLE = ("epochs", "workers", "early_stopping", "accelerator", "devices")  # may change on --resume
+# May change on --resume. The processes (devices x num_nodes) may: batch_size is the global batch, the same
+# batches whatever their number (genreclf.data), and batch_size itself may not change.
+RESUMABLE = ("epochs", "workers", "early_stopping", "accelerator", "devices", "num_nodes", "strategy")
 
 
 def _settings(store: FeatureStore, fit: FitConfig, optim: TrainConfig | PretrainConfig) -> dict:
@@ -188,8 +242,8 @@ def _settings(store: FeatureStore, fit: FitConfig, optim: TrainConfig | Pretrain
     return json.loads(json.dumps(settings, default=str))  # as it reads back from settings.json (tuples -> lists)
 
 
-def _check_settings(run_dir: Path, settings: dict, resume: bool) -> None:
-    """Write RUN/settings.json when a run starts; on --resume, refuse settings that differ from it."""
+def _check_settings(run_dir: Path, settings: dict, resume: bool, write: bool = True) -> None:
+    """Write RUN/settings.json when a run starts (if `write`: DDP process 0); on --resume, refuse other settings."""
     path = run_dir / "settings.json"
     if resume and not path.is_file():
         raise GenreclfError(
@@ -207,8 +261,9 @@ def _check_settings(run_dir: Path, settings: dict, resume: bool) -> None:
                 f"{run_dir} was started with {what}; resume with the same settings and store, or pick a new --out"
             )
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(settings, indent=1, default=str))
+    if write:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(settings, indent=1, default=str))
 
 
 def _trainer(run_dir: Path, fit: FitConfig, progress: bool, extra: Sequence[Callback] = ()) -> L.Trainer:
@@ -250,6 +305,8 @@ def _trainer(run_dir: Path, fit: FitConfig, progress: bool, extra: Sequence[Call
             max_epochs=fit.epochs,
             accelerator=fit.accelerator,
             devices=fit.devices,
+            num_nodes=fit.num_nodes,
+            strategy=fit.strategy,
             logger=loggers or False,
             callbacks=callbacks,
             enable_progress_bar=bar,
@@ -257,49 +314,46 @@ def _trainer(run_dir: Path, fit: FitConfig, progress: bool, extra: Sequence[Call
             deterministic=False,
             num_sanity_val_steps=0,
             log_every_n_steps=10,
-            use_distributed_sampler=False,  # CropBatchSampler shards batches across DDP ranks itself
+            use_distributed_sampler=False,  # CropBatchSampler and EvenCropSampler share batches across DDP ranks
         )
     except (MisconfigurationException, TypeError, ValueError, RuntimeError) as e:
         raise GenreclfError(
-            f"cannot use --accelerator {fit.accelerator} --devices {fit.devices}: {first_line(e, None)}"
+            f"cannot use --accelerator {fit.accelerator} --devices {fit.devices} --num-nodes {fit.num_nodes} "
+            f"--strategy {fit.strategy}: {first_line(e, None)}"
         ) from None
 
 
 @contextlib.contextmanager
 def _quiet_lightning() -> Iterator[None]:
     """Silence Lightning's advice that does not apply to our runs, for the length of a run only."""
-    logger = logging.getLogger("lightning.pytorch")
+    logger, fabric = logging.getLogger("lightning.pytorch"), logging.getLogger("lightning.fabric")
     level = logger.level
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*LeafSpec.*")  # Lightning 2.6 vs torch 2.13, not ours
         warnings.filterwarnings("ignore", ".*number of training batches.*smaller than the logging interval.*")
         warnings.filterwarnings("ignore", ".*Checkpoint directory .* exists and is not empty.*")  # --resume
+        # val_loss is summed over DDP processes by the module, lr is the same on each
+        warnings.filterwarnings("ignore", ".*recommended to use `self.log.*sync_dist=True.*")
+        fabric_level = fabric.level
         logger.setLevel(logging.WARNING)
+        fabric.setLevel(logging.WARNING)  # "Initializing distributed: ..." from every process
         try:
             yield
         finally:
             logger.setLevel(level)
+            fabric.setLevel(fabric_level)
 
 
-def _fit(
-    module: L.LightningModule,
-    loaders: tuple,
-    run_dir: Path,
-    fit: FitConfig,
-    ckpt: Path | None,
-    progress: bool,
-    callbacks: Sequence[Callback],
-) -> tuple[L.Trainer, L.LightningModule]:
-    """Run Lightning's fit; return the trainer and the best epoch's module (by val_loss)."""
+def _fit(run: _Run, module: L.LightningModule) -> L.LightningModule:
+    """Run Lightning's fit; return the best epoch's module (by val_loss) on process 0, `module` on the others."""
     with _quiet_lightning():
-        trainer = _trainer(run_dir, fit, progress, callbacks)
         # weights_only: our checkpoints hold plain values and tensors; anything else could run code.
-        trainer.fit(module, *loaders, ckpt_path=ckpt, weights_only=True)
-        best_path = trainer.checkpoint_callback.best_model_path
-        if best_path:
+        run.trainer.fit(module, *run.loaders, ckpt_path=run.ckpt, weights_only=True)
+        best_path = run.trainer.checkpoint_callback.best_model_path
+        if best_path and run.trainer.is_global_zero:  # the others write nothing, so need no best model
             module = type(module).load_from_checkpoint(best_path, map_location="cpu", weights_only=True)
-    return trainer, module
+    return module
 
 
 def _provenance(store: FeatureStore, fit: FitConfig, counts: tuple[int, int], extra: dict) -> dict:
@@ -330,43 +384,50 @@ def train(
     resume: bool = False,
     progress: bool = True,
     callbacks: Sequence[Callback] = (),
+    model_config: ModelConfig | None = None,
 ) -> RunResult:
     """Train a GRU or Transformer tagger on the store's training split; return the run's result.
 
     The best epoch by validation loss becomes RUN/model.safetensors, with per-genre decision thresholds
     chosen on the validation split (genreclf.calibrate). `callbacks` are extra
-    Lightning callbacks (to watch a run); the progress bar is shown on a terminal only.
+    Lightning callbacks (to watch a run); the progress bar is shown on a terminal only. `model_config`
+    (a GRUConfig or TransformerConfig for fit.model on the store's genres) replaces the default dimensions
+    and dropout; a resumed run must repeat it. Under DDP every process calls `train`; process 0 writes the run.
     """
     t0 = time.perf_counter()
-    store, run_dir, ckpt, loaders, counts = _prepare(store_path, run_dir, fit, optim, resume)
-    model_cfg = MODELS[fit.model](n_genres=len(store.genres))
+    run = _prepare(store_path, run_dir, fit, optim, resume, progress, callbacks, model_config)
+    store, trainer, model_cfg = run.store, run.trainer, run.model_config
     module = TaggerModule(model_cfg, optim)
     if fit.pretrained:
         if fit.model != "transformer":
             raise GenreclfError("--pretrained encoder weights are for the transformer model only")
         module.model.load_encoder_state_dict(_load_tensors(fit.pretrained))
     params = count_parameters(module.model)
-    log.info(
-        "training %s (%s parameters) on %d tracks, validating on %d (%s split) -> %s",
-        fit.model,
-        f"{params:,}",
-        counts[0],
-        counts[1],
-        fit.split,
-        run_dir,
-    )
-    trainer, best = _fit(module, loaders, run_dir, fit, ckpt, progress, callbacks)
+    if trainer.is_global_zero:
+        log.info(
+            "training %s (%s parameters) on %d tracks, validating on %d (%s split; %d process%s) -> %s",
+            fit.model,
+            f"{params:,}",
+            run.counts[0],
+            run.counts[1],
+            fit.split,
+            trainer.world_size,
+            "" if trainer.world_size == 1 else "es",
+            run.run_dir,
+        )
+    best = _fit(run, module)
     best_val = float(trainer.checkpoint_callback.best_model_score or float("nan"))
     seconds = time.perf_counter() - t0
-    model_path = run_dir / "model.safetensors"
+    model_path = run.run_dir / "model.safetensors"
     if not trainer.is_global_zero:  # under DDP one process writes the run's files
-        return RunResult(run_dir, model_path, params, trainer.current_epoch, best_val, seconds)
+        return RunResult(run.run_dir, model_path, params, trainer.current_epoch, best_val, seconds)
     extra = {
         "parameters": params,
         "epochs": trainer.current_epoch,
         "best_val_loss": best_val,
         "train_config": dataclasses.asdict(optim),
         "train_seconds": seconds,
+        "processes": trainer.world_size,
     }
     thresholds = _thresholds(best.model, store, fit, progress)
     model_path = ModelFile(
@@ -376,12 +437,12 @@ def train(
         genre_ids=list(store.genre_ids),
         signal=store.signal,
         genre_top_level=list(store.header.genre_top_level),
-        provenance=_provenance(store, fit, counts, extra),
+        provenance=_provenance(store, fit, run.counts, extra),
         genre_parents=list(store.header.genre_parents),
         thresholds=thresholds,
     ).save(model_path)
-    atomic_write_text(run_dir / "train.json", json.dumps({"model": fit.model, **extra}, indent=1))
-    return RunResult(run_dir, model_path, params, trainer.current_epoch, best_val, seconds)
+    atomic_write_text(run.run_dir / "train.json", json.dumps({"model": fit.model, **extra}, indent=1))
+    return RunResult(run.run_dir, model_path, params, trainer.current_epoch, best_val, seconds)
 
 
 def _thresholds(model: torch.nn.Module, store: FeatureStore, fit: FitConfig, progress: bool) -> dict:
@@ -408,19 +469,21 @@ def pretrain(
     """Masked-frame pretraining of the Transformer encoder; writes RUN/encoder.safetensors."""
     t0 = time.perf_counter()
     fit = dataclasses.replace(fit, model="transformer")
-    store, run_dir, ckpt, loaders, counts = _prepare(store_path, run_dir, fit, optim, resume)
-    module = PretrainModule(TransformerConfig(n_genres=len(store.genres)), optim)
-    trainer, best = _fit(module, loaders, run_dir, fit, ckpt, progress, callbacks)
-    out = run_dir / "encoder.safetensors"
+    run = _prepare(store_path, run_dir, fit, optim, resume, progress, callbacks, None)
+    module = PretrainModule(run.model_config, optim)
+    best = _fit(run, module)
+    out = run.run_dir / "encoder.safetensors"
+    trainer = run.trainer
     best_val = float(trainer.checkpoint_callback.best_model_score or float("nan"))
-    if not trainer.is_global_zero:
-        return RunResult(
-            run_dir, out, count_parameters(best.encoder), trainer.current_epoch, best_val, time.perf_counter() - t0
+    if trainer.is_global_zero:  # under DDP one process writes the run's files
+        provenance = _provenance(run.store, fit, run.counts, {"processes": trainer.world_size})
+        save_tensors(
+            out,
+            best.encoder_state_dict(),
+            {"format": "genreclf-encoder", "provenance": json.dumps(provenance, default=str)},
         )
-    meta = {"format": "genreclf-encoder", "provenance": json.dumps(_provenance(store, fit, counts, {}), default=str)}
-    save_tensors(out, best.encoder_state_dict(), meta)
     return RunResult(
-        run_dir, out, count_parameters(best.encoder), trainer.current_epoch, best_val, time.perf_counter() - t0
+        run.run_dir, out, count_parameters(best.encoder), trainer.current_epoch, best_val, time.perf_counter() - t0
     )
 
 
