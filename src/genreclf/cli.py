@@ -172,6 +172,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(
         args.store, args.out, _fit_config(args, args.model), optim, resume=args.resume, progress=not args.quiet
     )
+    if not result.reporter:  # another DDP process: rank 0 says it
+        return 0
     print(
         f"{args.model}: {result.parameters:,} parameters, {result.epochs} epochs in {result.seconds:.0f} s, "
         f"best val_loss {result.best_val_loss:.4f}; model written to {result.model_path}"
@@ -189,6 +191,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     result = pretrain(
         args.store, args.out, _fit_config(args, "transformer"), optim, resume=args.resume, progress=not args.quiet
     )
+    if not result.reporter:
+        return 0
     print(
         f"pretrained the transformer encoder ({result.parameters:,} parameters) for {result.epochs} epochs, "
         f"best masked-frame val MAE {result.best_val_loss:.4f}; encoder written to {result.model_path} "

@@ -63,6 +63,7 @@ class RunResult:
     epochs: int  # epochs completed
     best_val_loss: float
     seconds: float
+    reporter: bool = True  # False on the DDP processes other than rank 0: the one that writes and reports
 
 
 class EpochLog(Callback):
@@ -420,7 +421,7 @@ def train(
     seconds = time.perf_counter() - t0
     model_path = run.run_dir / "model.safetensors"
     if not trainer.is_global_zero:  # under DDP one process writes the run's files
-        return RunResult(run.run_dir, model_path, params, trainer.current_epoch, best_val, seconds)
+        return RunResult(run.run_dir, model_path, params, trainer.current_epoch, best_val, seconds, False)
     extra = {
         "parameters": params,
         "epochs": trainer.current_epoch,
@@ -482,9 +483,9 @@ def pretrain(
             best.encoder_state_dict(),
             {"format": "genreclf-encoder", "provenance": json.dumps(provenance, default=str)},
         )
-    return RunResult(
-        run.run_dir, out, count_parameters(best.encoder), trainer.current_epoch, best_val, time.perf_counter() - t0
-    )
+    seconds = time.perf_counter() - t0
+    params = count_parameters(best.encoder)
+    return RunResult(run.run_dir, out, params, trainer.current_epoch, best_val, seconds, trainer.is_global_zero)
 
 
 def _load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
