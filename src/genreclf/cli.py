@@ -817,7 +817,7 @@ def _add_pretrain(p: argparse.ArgumentParser) -> None:
     from genreclf.config import MASKINGS, PretrainConfig
 
     p.description = (
-        "Self-supervised pretraining: random spans of frames are masked and the Transformer "
+        "Self-supervised pretraining: random frames are masked and the Transformer "
         "encoder learns to reconstruct them (no labels used). Writes OUT/encoder.safetensors for "
         "`genreclf train --model transformer --pretrained`."
     )
@@ -825,12 +825,15 @@ def _add_pretrain(p: argparse.ArgumentParser) -> None:
         "--masking",
         choices=MASKINGS,
         default=_default(PretrainConfig, "masking"),
-        help="span: spans of 8 frames (~--mask-ratio of them) replaced by a learned vector; reference: the "
-        "reference's random_mask (~18%% of frames in runs of 2.2, set to 0), input masked and target clean",
+        help="reference: the reference's random_mask (~18%% of frames in runs of 2.2, set to 0), input masked and "
+        "target clean; span: spans of 8 frames (~--mask-ratio of them) replaced by a learned vector",
     )
     p.add_argument("--lr", type=_positive_float, default=_default(PretrainConfig, "lr"), help="Adam learning rate")
     p.add_argument(
-        "--mask-ratio", type=float, default=_default(PretrainConfig, "mask_ratio"), help="fraction of frames masked"
+        "--mask-ratio",
+        type=float,
+        default=_default(PretrainConfig, "mask_ratio"),
+        help="span masking: fraction of frames masked",
     )
     _add_fit(p, PretrainConfig)
     p.set_defaults(func=cmd_pretrain)
