@@ -19,6 +19,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from genreclf.audio import N_FRAMES
 from genreclf.errors import GenreclfError
+from genreclf.fastops import Dropout, Linear
 
 # ---------------------------------------------------------------------------
 # Configs: the dimensions of a model, stored in every model file.
@@ -123,8 +124,8 @@ class TaggingHead(nn.Module):
 
     def __init__(self, d_in: int, n_genres: int, head_factor: int):
         super().__init__()
-        self.fc = nn.Linear(d_in, head_factor * n_genres)
-        self.out = nn.Linear(head_factor * n_genres, n_genres)
+        self.fc = Linear(d_in, head_factor * n_genres)
+        self.out = Linear(head_factor * n_genres, n_genres)
 
     def forward(self, x: Tensor) -> Tensor:
         """Return logits (batch, n_genres)."""
@@ -137,8 +138,8 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, n_heads: int):
         super().__init__()
         self.n_heads = n_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * dim)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x: Tensor, key_mask: Tensor | None) -> Tensor:
         """Return (batch, frames, dim); key_mask (batch, frames) is True on real frames."""
@@ -154,8 +155,8 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, d_ff: int):
         super().__init__()
-        self.fc = nn.Linear(dim, d_ff)
-        self.proj = nn.Linear(d_ff, dim)
+        self.fc = Linear(dim, d_ff)
+        self.proj = Linear(d_ff, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         """Return (batch, frames, dim)."""
@@ -171,7 +172,7 @@ class EncoderLayer(nn.Module):
         self.ln1 = nn.LayerNorm(cfg.n_mels, eps=cfg.ln_eps)
         self.ffn = FeedForward(cfg.n_mels, cfg.d_ff)
         self.ln2 = nn.LayerNorm(cfg.n_mels, eps=cfg.ln_eps)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, key_mask: Tensor | None) -> Tensor:
         """Return (batch, frames, dim)."""
@@ -185,7 +186,7 @@ class TransformerEncoder(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.scale = math.sqrt(cfg.n_mels)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_layers))
         # Built once, for a whole clip; not persistent, so model files hold only the weights.
         self.register_buffer("pe", sinusoidal_encoding(N_FRAMES, cfg.n_mels), persistent=False)
@@ -215,7 +216,7 @@ class FrameReconstructionHead(nn.Module):
 
     def __init__(self, n_mels: int = 128):
         super().__init__()
-        self.proj = nn.Linear(n_mels, n_mels)
+        self.proj = Linear(n_mels, n_mels)
 
     def forward(self, h: Tensor) -> Tensor:
         """Return predicted frames (batch, frames, n_mels)."""
@@ -241,7 +242,7 @@ class GRUTagger(nn.Module):
             bidirectional=True,
             dropout=cfg.dropout if cfg.n_layers > 1 else 0.0,
         )
-        self.pool_drop = nn.Dropout(cfg.pool_dropout)
+        self.pool_drop = Dropout(cfg.pool_dropout)
         self.head = TaggingHead(2 * cfg.hidden, cfg.n_genres, cfg.head_factor)
         init_keras_style(self)
 
@@ -267,7 +268,7 @@ class TransformerTagger(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = TransformerEncoder(cfg)
-        self.pool_drop = nn.Dropout(cfg.pool_dropout)
+        self.pool_drop = Dropout(cfg.pool_dropout)
         self.head = TaggingHead(cfg.n_mels, cfg.n_genres, cfg.head_factor)
         init_keras_style(self)
 
