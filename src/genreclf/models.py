@@ -19,6 +19,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from genreclf.audio import N_FRAMES
 from genreclf.errors import GenreclfError
+from genreclf.fastgru import fast_gru
 from genreclf.fastops import Dropout, Linear
 
 # ---------------------------------------------------------------------------
@@ -250,7 +251,8 @@ class GRUTagger(nn.Module):
         """Return logits (batch, n_genres) for x (batch, frames, n_mels), 1 <= lengths <= frames."""
         b, t, _ = x.shape
         if lengths is None or bool((lengths >= t).all()):
-            h, _ = self.gru(x)
+            # On the CPU our own bidirectional layers (same parameters, same function) train ~2x faster.
+            h = fast_gru(self.gru, x) if x.device.type == "cpu" else self.gru(x)[0]
             return self.head(self.pool_drop(h).mean(1))
         # Packing keeps the backward direction from starting in the padding.
         lengths_cpu = lengths.detach().to("cpu", torch.int64)
