@@ -92,12 +92,15 @@ def reference_mask(lengths: Tensor, frames: int, generator: torch.Generator | No
 
 def _adam_with_plateau(module: L.LightningModule, cfg: TrainConfig | PretrainConfig) -> dict[str, Any]:
     """Return Lightning's optimiser dict: Adam + ReduceLROnPlateau on val_loss."""
+    params = list(module.parameters())
     opt = torch.optim.Adam(
-        module.parameters(),
+        params,
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.eps,
         weight_decay=cfg.weight_decay,
+        # The same update; on the CPU the fused kernel takes ~0.5 ms a step where the per-tensor loop takes ~4.
+        fused=True if params and all(p.device.type == "cpu" for p in params) else None,
     )
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
         opt,
