@@ -287,3 +287,21 @@ def test_pretraining_reduces_the_loss_and_exports_a_loadable_encoder():
         TransformerTagger(TransformerConfig(n_mels=16, n_heads=4, n_layers=3)).load_encoder_state_dict(state)
     with pytest.raises(GenreclfError, match="not encoder weights"):
         tagger.load_encoder_state_dict({**state, "head.fc.weight": torch.zeros(1)})
+
+
+def test_cpu_training_uses_fused_adam_with_the_same_update():
+    torch.manual_seed(0)
+    module = TaggerModule(SMALL_GRU)
+    opt = module.configure_optimizers()["optimizer"]
+    assert opt.defaults["fused"] is True
+    params = list(module.parameters())
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    plain = torch.optim.Adam(twins, lr=1e-5, eps=1e-7)
+    for _ in range(3):
+        for p, q in zip(params, twins):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        opt.step()
+        plain.step()
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(p, q, atol=1e-8, rtol=1e-6)

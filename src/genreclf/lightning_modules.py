@@ -8,6 +8,7 @@ Hyperparameters are saved as plain dicts, so a `.ckpt` resumes and reloads with
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 
 from genreclf.config import PretrainConfig, TrainConfig
 from genreclf.errors import GenreclfError
+from genreclf.fastops import keep_freed_memory
 from genreclf.models import (
     FrameReconstructionHead,
     ModelConfig,
@@ -171,7 +173,24 @@ def _as_dataclass(cls: type, cfg: Any) -> Any:
     raise TypeError(f"expected {cls.__name__} or dict, got {type(cfg).__name__}")
 
 
-class TaggerModule(_ValidationLoss, L.LightningModule):
+class _KeepsFreedMemory(L.LightningModule):
+    """Fits on the CPU inside `keep_freed_memory`: no page faults for the activations of every step."""
+
+    def on_fit_start(self) -> None:
+        self._fit_memory = contextlib.ExitStack()
+        if self.device.type == "cpu":
+            self._fit_memory.enter_context(keep_freed_memory())
+
+    def on_fit_end(self) -> None:
+        self.teardown("fit")
+
+    def teardown(self, stage: str) -> None:
+        # Also reached when fit stops on an error; closing twice is a no-op.
+        if getattr(self, "_fit_memory", None) is not None:
+            self._fit_memory.close()
+
+
+class TaggerModule(_ValidationLoss, _KeepsFreedMemory):
     """Supervised multi-label training of a GRUTagger or TransformerTagger."""
 
     def __init__(
@@ -219,7 +238,7 @@ class TaggerModule(_ValidationLoss, L.LightningModule):
         return _adam_with_plateau(self, self.train_config)
 
 
-class PretrainModule(_ValidationLoss, L.LightningModule):
+class PretrainModule(_ValidationLoss, _KeepsFreedMemory):
     """Masked-frame pretraining of a TransformerTagger's encoder.
 
     Masked real frames (random spans, replaced by a learned mask vector; or, with masking="reference",

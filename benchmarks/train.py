@@ -1,0 +1,185 @@
+"""Training-step benchmark: genreclf's models against the reference's Keras models, on the same function.
+
+    python benchmarks/train.py [--threads 2] [--rounds 3] [--steps 4] [--models gru transformer]
+
+Needs the [bench] extra (tensorflow-cpu, tf-keras). For each model the Keras twin
+(benchmarks/reference_keras.py) gets our weights and the outputs are checked to agree within
+1e-5, then one training step (forward, weighted BCE, backward, Adam(1e-5)) on random log-mel
+crops of batch 32 is timed for both: crops of 128, 192 and 256 frames and a random 128-256 mix
+(one length per batch, as training draws them; the same lengths for both). Ours and Keras
+alternate, crop by crop, for --rounds rounds; per cell the fastest round counts (on a shared
+machine, the one least disturbed by others). Prints samples/s and ours/Keras, and the machine.
+Both run --threads intra-op threads (TensorFlow's inter-op pool too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import multiprocessing as mp
+import os
+import platform
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from genreclf.fastops import keep_freed_memory
+from genreclf.lightning_modules import TaggerModule, weighted_bce
+from genreclf.models import GRUConfig, TransformerConfig
+
+BATCH = 32
+N_MELS, N_GENRES = 128, 163
+CROPS = (128, 192, 256)
+MIX = (128, 256)  # the random crop range of training
+TARGET = 1.2  # ours / Keras samples per second, at least
+CONFIGS = {"gru": GRUConfig, "transformer": TransformerConfig}
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (or platform's guess)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def tf_version() -> str:
+    """TensorFlow's version, without importing it."""
+    for dist in ("tensorflow-cpu", "tensorflow"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return "not installed"
+
+
+class Ours:
+    """One genreclf model with the reference's optimiser and loss."""
+
+    def __init__(self, kind: str):
+        torch.manual_seed(0)
+        module = TaggerModule(CONFIGS[kind]())
+        self.model = module.model.train()
+        self.opt = module.configure_optimizers()["optimizer"]  # training's: Adam(1e-5, eps 1e-7), fused on the CPU
+
+    def step(self, x: np.ndarray, y: np.ndarray) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        loss = weighted_bce(self.model(torch.from_numpy(x)), torch.from_numpy(y), 4.0)
+        loss.backward()
+        self.opt.step()
+
+
+class Keras:
+    """The reference's Keras model, with our model's weights (checked: same outputs)."""
+
+    def __init__(self, kind: str, threads: int):
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import reference_keras as rk  # TensorFlow in this process only
+
+        rk.set_threads(threads)  # before any TensorFlow op
+        ours = Ours(kind).model.eval()  # the same seed: the same weights as the other process's
+        self.model = rk.build(kind)
+        rk.port_weights(ours, self.model, kind)
+        x = np.random.default_rng(1).standard_normal((2, 200, N_MELS)).astype(np.float32)
+        with torch.no_grad():
+            p_ours = torch.sigmoid(ours(torch.from_numpy(x))).numpy()
+        self.diff = float(np.abs(self.model(x, training=False).numpy() - p_ours).max())
+
+    def step(self, x: np.ndarray, y: np.ndarray) -> None:
+        self.model.train_on_batch(x, y)
+
+
+def batches(lengths: list[int], seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Random log-mel-like crops (batch 32, one length per batch) and multi-hot targets."""
+    rng = np.random.default_rng(seed)
+    return [
+        (
+            rng.standard_normal((BATCH, t, N_MELS)).astype(np.float32),
+            (rng.random((BATCH, N_GENRES)) < 0.02).astype(np.float32),
+        )
+        for t in lengths
+    ]
+
+
+def worker(impl: str, kind: str, threads: int, conn) -> None:
+    """Serve ("run", lengths, seed) -> samples/s for one implementation, in its own process."""
+    # One framework per process: two thread pools in one process take turns badly (each
+    # spins while the other works), and TensorFlow and PyTorch each bring their own oneDNN.
+    torch.set_num_threads(threads)
+    if impl == "keras":
+        runner = Keras(kind, threads)
+        conn.send(runner.diff)
+    else:
+        runner = Ours(kind)
+        conn.send(0.0)
+    # As genreclf's training does (TaggerModule.on_fit_start); TensorFlow has its own caching allocator.
+    with keep_freed_memory() if impl == "ours" else contextlib.nullcontext():
+        while (msg := conn.recv()) is not None:
+            lengths, seed = msg
+            data = batches(lengths, seed)
+            t0 = time.perf_counter()
+            for x, y in data:
+                runner.step(x, y)
+            conn.send(sum(len(x) for x, _ in data) / (time.perf_counter() - t0))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=2, help="intra-op threads of both frameworks")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; the fastest counts")
+    ap.add_argument("--steps", type=int, default=4, help="timed training steps per crop and round")
+    ap.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    args = ap.parse_args()
+
+    rng = np.random.default_rng(0)
+    cases = {str(t): [t] * args.steps for t in CROPS}
+    cases["mix"] = [int(t) for t in rng.integers(MIX[0], MIX[1] + 1, size=max(args.steps, 8))]
+    print(
+        f"{cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}, TensorFlow {tf_version()}; "
+        f"{args.threads} threads each; batch {BATCH}, best of {args.rounds} rounds of {args.steps} steps",
+        flush=True,
+    )
+    ctx = mp.get_context("spawn")
+    results: dict[tuple[str, str], dict[str, float]] = {}
+    for kind in args.models:
+        conns = {}
+        procs = []
+        for impl in ("ours", "keras"):
+            parent, child = ctx.Pipe()
+            procs.append(ctx.Process(target=worker, args=(impl, kind, args.threads, child), daemon=True))
+            procs[-1].start()
+            conns[impl] = parent
+        diff = max(conn.recv() for conn in conns.values())
+        if diff > 1e-5:
+            raise SystemExit(f"{kind}: Keras and ours disagree by {diff:.2e} on the same weights")
+        print(f"{kind}: Keras = ours within {diff:.1e} on the same weights", flush=True)
+        warm = sorted(set(CROPS) | set(cases["mix"]))  # Keras traces each new length once
+        for conn in conns.values():
+            conn.send((warm, 1))
+            conn.recv()
+        for r in range(args.rounds):
+            for name, lengths in cases.items():
+                for impl, conn in conns.items():  # one at a time: the other process waits, idle
+                    conn.send((lengths, 100 + r))
+                    best = results.setdefault((kind, name), {})
+                    best[impl] = max(best.get(impl, 0.0), conn.recv())
+        for conn in conns.values():
+            conn.send(None)
+        for proc in procs:
+            proc.join()
+    print(f"\n  {'model':<12} {'crop':>5} {'ours/s':>9} {'Keras/s':>9} {'ours/Keras':>11}")
+    for (kind, name), best in results.items():
+        ratio = best["ours"] / best["keras"]
+        mark = "" if ratio >= TARGET else f"   (< {TARGET})"
+        print(f"  {kind:<12} {name:>5} {best['ours']:9.1f} {best['keras']:9.1f} {ratio:10.2f}x{mark}")
+
+
+if __name__ == "__main__":
+    main()
