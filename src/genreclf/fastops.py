@@ -125,9 +125,10 @@ class Dropout(nn.Dropout):
         return dropout(x, self.p, self.training)
 
 
-# glibc's mallopt parameters (malloc.h) and their defaults.
+# glibc's mallopt parameters (malloc.h), and what its dynamic thresholds reach once a process has
+# freed large blocks (mmap threshold at its 32 MB cap, trim threshold twice that).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
-_MALLOC_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_THRESHOLD: 128 * 1024, _M_MMAP_MAX: 65536}
+_MALLOC_AFTER = {_M_TRIM_THRESHOLD: 64 * 2**20, _M_MMAP_THRESHOLD: 32 * 2**20, _M_MMAP_MAX: 65536}
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -144,8 +145,9 @@ def _glibc() -> ctypes.CDLL | None:
 def keep_freed_memory() -> Iterator[None]:
     """Within the block, glibc's malloc keeps freed memory for reuse (no mmap, no trimming); a no-op elsewhere.
 
-    On leaving, the defaults are set back and the kept memory is returned to the OS (glibc's
-    dynamic mmap threshold, once a value is set, stays fixed at its default).
+    On leaving, mmap is allowed again and the kept memory returned to the OS; the thresholds are
+    left where glibc's own adjustment takes them in a process that frees large blocks (once set,
+    glibc adjusts them no more).
     """
     libc = _glibc()
     if libc is None:
@@ -156,6 +158,6 @@ def keep_freed_memory() -> Iterator[None]:
     try:
         yield
     finally:
-        for param, value in _MALLOC_DEFAULTS.items():
+        for param, value in _MALLOC_AFTER.items():
             libc.mallopt(param, value)
         libc.malloc_trim(0)
