@@ -17,6 +17,7 @@ from genreclf.fastops import (
     keep_freed_memory,
     keep_threshold,
     linear,
+    linear_relu,
     onednn_mm_t,
     use_onednn,
 )
@@ -37,6 +38,20 @@ def test_linear_matches_f_linear_and_its_gradients(shape, n_in, n_out, bias):
     ours, ref = linear(x, w, b), F.linear(x, w, b)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
     for got, want in zip(torch.autograd.grad(ours, inputs, g), torch.autograd.grad(ref, inputs, g)):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
+@needs_onednn
+def test_linear_relu_matches_f_relu_of_f_linear_and_its_gradients():
+    torch.manual_seed(0)
+    x = torch.randn(4, 37, 24, requires_grad=True)
+    w = torch.randn(40, 24, requires_grad=True)
+    b = torch.randn(40, requires_grad=True)
+    g = torch.randn(4, 37, 40)
+    ours, ref = linear_relu(x, w, b), F.relu(F.linear(x, w, b))
+    assert 0.3 < (ref > 0).float().mean() < 0.7
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    for got, want in zip(torch.autograd.grad(ours, (x, w, b), g), torch.autograd.grad(ref, (x, w, b), g)):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
 
 

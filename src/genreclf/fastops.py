@@ -1,13 +1,13 @@
-"""Faster CPU float32 building blocks for training: oneDNN matmuls and cheap dropout masks.
+"""Faster CPU float32 building blocks for training: oneDNN matmuls, cheap dropout masks, kept memory.
 
 Measured on an AMD EPYC (Zen 5, AVX-512; benchmarks/train.py): PyTorch's float32 matmuls
 go to MKL, which runs its AVX2 code on AMD and reaches about half of what oneDNN's AVX-512
-kernels do on the same shapes; and `bernoulli_` (dropout's mask) costs ~7 ms per million
-elements, where drawing 64 random bits per 4 elements and comparing 16-bit slices costs ~1 ms
-(0.5 ms single-threaded).
+kernels do on the same shapes (`linear`, `linear_relu` with the ReLU fused in: forward and
+backward by oneDNN); `bernoulli_` (dropout's mask) costs ~7 ms per million elements, where
+drawing 64 random bits per 4 elements and comparing 16-bit slices costs ~1 ms (`dropout`).
 A training step also allocates and frees ~80 MB of activations; glibc returns them to the OS
-and every step pays ~20,000 page faults (~15 ms) to get them back: `keep_freed_memory`.
-All are the same function: oneDNN sums in another order (float32 rounding, ~1e-7 relative),
+and every step pays ~20,000 page faults (~15 ms) to get them back (`keep_freed_memory`).
+All compute the same function: oneDNN sums in another order (float32 rounding, ~1e-7 relative),
 and the mask keeps each element with probability 1 - p to within 2^-17.
 Elsewhere (GPUs, other dtypes, a build without oneDNN) the plain PyTorch ops run.
 """
@@ -58,11 +58,36 @@ class _Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight = ctx.saved_tensors
-        g2 = grad.reshape(-1, grad.shape[-1])
-        dx = onednn_linear(grad, weight.t().contiguous()) if ctx.needs_input_grad[0] else None
-        dw = onednn_mm_t(g2, x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
-        db = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dw, db
+        return _linear_backward(ctx, grad, x, weight)
+
+
+def _linear_backward(ctx: Any, grad: Tensor, x: Tensor, weight: Tensor) -> tuple[Tensor | None, ...]:
+    g2 = grad.reshape(-1, grad.shape[-1])
+    dx = onednn_linear(grad, weight.t().contiguous()) if ctx.needs_input_grad[0] else None
+    dw = onednn_mm_t(g2, x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
+    db = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return dx, dw, db
+
+
+class _LinearReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        y = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu", [], "")  # the ReLU fused in
+        ctx.save_for_backward(x, weight, y)
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, y = ctx.saved_tensors
+        return _linear_backward(ctx, torch.ops.aten.threshold_backward(grad, y, 0), x, weight)
+
+
+def linear_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Return F.relu(F.linear(x, weight, bias)), by oneDNN in one pass on CPU float32."""
+    if use_onednn(x, weight):
+        return _LinearReLU.apply(x, weight, bias)
+    return F.relu(F.linear(x, weight, bias))
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

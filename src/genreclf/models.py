@@ -20,7 +20,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from genreclf.audio import N_FRAMES
 from genreclf.errors import GenreclfError
 from genreclf.fastgru import fast_gru
-from genreclf.fastops import Dropout, Linear
+from genreclf.fastops import Dropout, Linear, linear_relu
 
 # ---------------------------------------------------------------------------
 # Configs: the dimensions of a model, stored in every model file.
@@ -161,7 +161,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Return (batch, frames, dim)."""
-        return self.proj(F.relu(self.fc(x)))
+        return self.proj(linear_relu(x, self.fc.weight, self.fc.bias))
 
 
 class EncoderLayer(nn.Module):
