@@ -383,6 +383,19 @@ def test_a_ctrl_c_while_a_worker_starts_does_not_kill_it(corpus):
         pool.close()
 
 
+def test_a_worker_whose_parent_left_exits_quietly(capfd):
+    # A parent stopped by Ctrl-C closes its pipes while a worker may still be starting: no traceback from it.
+    from genreclf.featurize import _work
+    from genreclf.pool import _Pool
+
+    pool = _Pool(1, _work, None)
+    worker = pool.workers[0]
+    worker.conn.close()  # before the worker has said it is ready
+    worker.process.join(60)
+    assert worker.process.exitcode == 0
+    assert "Traceback" not in capfd.readouterr().err
+
+
 def test_subset_and_genres_all(corpus, tmp_path):
     featurize(corpus, tmp_path / "small", subset="small", labels="genres_all", workers=1, progress=False)
     store = FeatureStore.open(tmp_path / "small")

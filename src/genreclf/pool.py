@@ -48,15 +48,12 @@ def _worker_main(conn: Connection, work: Callable, init: Callable | None) -> Non
     _unblock_sigint()
     if init is not None:
         init()
-    conn.send(_READY)
-    while True:
-        try:
+    try:
+        conn.send(_READY)
+        while True:
             chunk = conn.recv()
-        except EOFError:
-            return
-        if chunk is None:
-            return
-        try:
+            if chunk is None:
+                return
             for index, job in chunk:
                 result = work(job)
                 if isinstance(result, GeneratorType):
@@ -65,8 +62,8 @@ def _worker_main(conn: Connection, work: Callable, init: Callable | None) -> Non
                     conn.send((index, (), True))
                 else:
                     conn.send((index, (result,), True))
-        except (BrokenPipeError, ConnectionResetError):  # the parent is gone (killed): nobody to answer
-            return
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        return  # the parent closed our pipe or is gone (stopped by a Ctrl-C, killed): nobody to answer
 
 
 def default_workers() -> int:
