@@ -251,8 +251,10 @@ class GRUTagger(nn.Module):
         """Return logits (batch, n_genres) for x (batch, frames, n_mels), 1 <= lengths <= frames."""
         b, t, _ = x.shape
         if lengths is None or bool((lengths >= t).all()):
-            # On the CPU our own bidirectional layers (same parameters, same function) train ~2x faster.
-            h = fast_gru(self.gru, x) if x.device.type == "cpu" else self.gru(x)[0]
+            # On the CPU our own bidirectional layers (same parameters, same function) train ~2x faster;
+            # without gradients (evaluate, predict) nn.GRU's forward is faster (37 vs 47 ms a 30-s window).
+            fast = x.device.type == "cpu" and torch.is_grad_enabled()
+            h = fast_gru(self.gru, x) if fast else self.gru(x)[0]
             return self.head(self.pool_drop(h).mean(1))
         # Packing keeps the backward direction from starting in the padding.
         lengths_cpu = lengths.detach().to("cpu", torch.int64)
