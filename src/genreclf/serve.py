@@ -526,7 +526,7 @@ def create_app(
         where = ".".join(str(x) for x in first.get("loc", ()))
         return JSONResponse({"error": f"{where}: {first.get('msg', 'invalid request')}"}, 422)
 
-    def check_key(request: Request) -> None:
+    async def check_key(request: Request) -> None:
         if config.api_key is None:
             return
         given = request.headers.get("x-api-key", "")
@@ -629,8 +629,10 @@ def _version() -> str:
 def serve(model: str | Path, config: ServeConfig = ServeConfig()) -> None:
     """Load `model` and serve it with uvicorn on config.host:config.port until interrupted."""
     try:
+        import fastapi  # noqa: F401
+        import python_multipart  # noqa: F401
         import uvicorn
-    except ImportError:
-        raise GenreclfError('`genreclf serve` needs its extra: pip install "genreclf[serve]"') from None
+    except ImportError as e:
+        raise GenreclfError(f'`genreclf serve` needs {e.name}: pip install "genreclf[serve]"') from None
     app = create_app(model, config)
     uvicorn.run(app, host=config.host, port=config.port, log_level="info", access_log=False)
