@@ -590,6 +590,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # Lightning), so a command's arguments are only added once that command is parsed or asked for help.
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from genreclf.serve import ServeConfig, serve
+
+    api_key = args.api_key or os.environ.get("GENRECLF_API_KEY") or None
+    config = ServeConfig(
+        host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, workers=args.workers, api_key=api_key
+    )
+    serve(args.model, config)
+    return 0
+
+
 def _default(owner: Callable[..., Any], name: str) -> Any:
     """Return the default of parameter `name` of a function, or of field `name` of a dataclass."""
     default = inspect.signature(owner).parameters[name].default
@@ -1166,6 +1177,42 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_demo)
 
 
+def _add_serve(p: argparse.ArgumentParser) -> None:
+    from genreclf.serve import ServeConfig
+
+    p.description = (
+        "Serve a model over HTTP (FastAPI + uvicorn): POST /v1/predict with an audio file in the multipart field "
+        "`file` answers its top genres, every genre's probability, the chosen genres and a 10-s timeline as JSON; "
+        "GET /v1/genres, /v1/model, /healthz; API docs at /docs; a page to try it at /. The model is loaded once, "
+        "uploads are decoded in worker processes and their windows scored together. Needs the serve extra: "
+        'pip install "genreclf[serve]".'
+    )
+    p.add_argument("model", help="model.safetensors (or the run folder holding it)")
+    p.add_argument(
+        "--host", default=_default(ServeConfig, "host"), help="address to listen on (0.0.0.0: every interface)"
+    )
+    p.add_argument("--port", type=_positive_int, default=_default(ServeConfig, "port"), help="TCP port")
+    p.add_argument(
+        "--max-upload-mb",
+        type=_positive_float,
+        default=_default(ServeConfig, "max_upload_mb"),
+        help="larger uploads get 413 (MB of 10^6 bytes)",
+    )
+    p.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=_default(ServeConfig, "workers"),
+        help="decoder processes (default: one per core)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=_default(ServeConfig, "api_key"),
+        help="require this key (X-API-Key header or Authorization: Bearer) on /v1/*; default: $GENRECLF_API_KEY, "
+        "else none",
+    )
+    p.set_defaults(func=cmd_serve)
+
+
 COMMANDS: tuple[tuple[str, str, Callable[[argparse.ArgumentParser], None]], ...] = (
     ("synth", "write a synthetic FMA-layout corpus (MP3 + tracks.csv + genres.csv)", _add_synth),
     ("data", "get FMA: `genreclf data download`", _add_data),
@@ -1178,6 +1225,7 @@ COMMANDS: tuple[tuple[str, str, Callable[[argparse.ArgumentParser], None]], ...]
     ("tag", "write chosen genres into the files' own tags (dry run unless --write)", _add_tag),
     ("report", "compare trained runs: metrics with confidence intervals, figures", _add_report),
     ("demo", "the whole pipeline on a generated corpus, in a few minutes", _add_demo),
+    ("serve", "an HTTP API and web page that tag uploaded audio", _add_serve),
 )
 
 
