@@ -261,7 +261,7 @@ def test_pretraining_reduces_the_loss_and_exports_a_loadable_encoder():
     # Smooth inputs: a masked frame is predictable from its neighbours.
     for b in batches:
         b["x"] = torch.cumsum(b["x"], dim=1) / 5
-    module = PretrainModule(config_to_dict(cfg), PretrainConfig(masking="span", lr=3e-3, mask_span=2))
+    module = PretrainModule(config_to_dict(cfg), PretrainConfig(lr=3e-3, mask_span=2))
     gen = torch.Generator().manual_seed(1)
 
     def loss() -> float:

@@ -836,8 +836,8 @@ def _add_pretrain(p: argparse.ArgumentParser) -> None:
         "--masking",
         choices=MASKINGS,
         default=_default(PretrainConfig, "masking"),
-        help="reference: the reference's random_mask (~18%% of frames in runs of 2.2, set to 0), input masked and "
-        "target clean; span: spans of 8 frames (~--mask-ratio of them) replaced by a learned vector",
+        help="span: spans of 8 frames (~--mask-ratio of them) replaced by a learned vector; reference: the "
+        "reference's random_mask (~18%% of frames in runs of 2.2, set to 0), input masked and target clean",
     )
     p.add_argument("--lr", type=_positive_float, default=_default(PretrainConfig, "lr"), help="Adam learning rate")
     p.add_argument(

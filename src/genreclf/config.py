@@ -60,11 +60,11 @@ MASKINGS = ("span", "reference")  # pretraining masks: ours (spans, learned mask
 class PretrainConfig:
     """Masking and optimisation settings of masked-frame pretraining."""
 
+    # "span": spans of mask_span frames, ~mask_ratio of them, replaced by a learned vector (the default: in
+    # `genreclf demo --pretraining` neither masking fine-tuned clearly better, see README);
     # "reference": the reference's random_mask (a frame starts a mask with probability 0.1, a masked frame's
-    # successor stays masked with probability 0.5 more: ~18% of frames in runs of 2.2), masked frames set to 0;
-    # the default, as it fine-tuned better than span masking in `genreclf demo --pretraining` (README).
-    # "span": spans of mask_span frames, ~mask_ratio of them, replaced by a learned vector.
-    masking: str = "reference"
+    # successor stays masked with probability 0.5 more: ~18% of frames in runs of 2.2), masked frames set to 0.
+    masking: str = "span"
     mask_ratio: float = 0.15  # span masking: target fraction of real frames to mask (BERT's rate)
     mask_span: int = 8  # span masking: frames per masked span (~0.26 s); 1 masks single frames
     lr: float = 1e-4  # Adam learning rate (the reference's transformer_pretrain)
