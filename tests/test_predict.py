@@ -350,3 +350,25 @@ def test_the_prediction_path_does_not_import_pandas():
     code = "import sys, genreclf.predict; print('pandas' in sys.modules, 'lightning' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_read_ahead_keeps_order_raises_the_sources_error_and_closes_it():
+    from genreclf.predict import _read_ahead
+
+    closed = []
+
+    def source(n, fail=False):
+        try:
+            yield from range(n)
+            if fail:
+                raise AudioError("decoder said no")
+        finally:
+            closed.append(n)
+
+    assert list(_read_ahead(source(50), 4)) == list(range(50))  # more items than the queue holds
+    with pytest.raises(AudioError, match="decoder said no"):
+        list(_read_ahead(source(3, fail=True), 4))
+    stream = _read_ahead(source(1000), 4)
+    assert next(stream) == 0
+    stream.close()  # the caller stops early: the source is closed (a pool would stop its workers)
+    assert closed == [50, 3, 1000]

@@ -994,7 +994,7 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
         "--workers",
         type=_count,
         default=_default(Tagger.predict_many, "workers"),
-        help="decoder processes (default: one per core; 0: decode in this process)",
+        help="decoder processes (default: one per core but one, which scores; 0: decode in this process)",
     )
     p.add_argument("--crop", type=_positive_int, default=_default(Tagger, "crop"), help="crop length in frames")
     p.add_argument("--crops", type=_positive_int, default=_default(Tagger, "n_crops"), help="crops per 30-s window")
