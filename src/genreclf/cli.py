@@ -447,17 +447,7 @@ def _record(prediction, top: int) -> dict:
     if prediction.warning:
         record["warning"] = prediction.warning
     if prediction.timeline is not None:
-        line = prediction.timeline
-        segments = [
-            {
-                "start": round(float(start), 3),
-                "end": round(float(end), 3),
-                "genres": [{"genre": g, "probability": round(p, 4)} for g, p in genres],
-            }
-            | ({} if genres else {"silent": True})
-            for start, end, genres in zip(line.starts, line.ends, line.top(top, prediction.genres))
-        ]
-        record["timeline"] = {"step": line.step, "segments": segments}
+        record["timeline"] = prediction.timeline.record(prediction.genres, top)
     return record
 
 

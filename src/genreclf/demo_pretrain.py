@@ -10,6 +10,7 @@ run on the synthetic corpus.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -43,7 +44,7 @@ def run_pretraining_demo(out: str | Path, epochs: int = 14, seed: int = 0, progr
             pretraining[masking] = {"epochs": result.epochs, "best_val_mae": result.best_val_loss}
         if not (run_dir / "model.safetensors").exists():
             log.info("demo: fine-tuning the Transformer from the %s-masking encoder", masking)
-            tuned = FitConfig(**{**fit.__dict__, "pretrained": str(encoder)})
+            tuned = dataclasses.replace(fit, pretrained=str(encoder))
             train(store, run_dir, tuned, TrainConfig(lr=DEMO_LR), progress=progress)
         runs[f"pretrained, {masking} masking"] = run_dir
     results = {name: evaluate(d, store, out=d / "metrics.json", progress=False) for name, d in runs.items()}

@@ -31,7 +31,6 @@ IN_FLIGHT_PER_WORKER = 2 * CHUNK  # jobs queued per worker: results never pile u
 # Seconds one clip may take in a worker before its decoder counts as hung. A 30-s FMA clip takes
 # 0.05 s of CPU here (README); 60 s leaves a 1000x margin for slow disks and loaded machines.
 CLIP_TIMEOUT = 60.0
-DEFAULT_TIMEOUT = CLIP_TIMEOUT  # seconds one job may take
 _READY = "ready"
 
 
@@ -137,7 +136,7 @@ def pool_map(
     record: Callable[[object], None],
     work: Callable,
     failed: Callable[[object, str], object],
-    timeout: float = DEFAULT_TIMEOUT,
+    timeout: float = CLIP_TIMEOUT,
     init: Callable | None = None,
 ) -> None:
     """Run `work(job)` for every job in `n_workers` processes and pass each result to `record`, in any order.
@@ -153,7 +152,7 @@ def pool_imap(
     n_workers: int,
     work: Callable,
     failed: Callable[[object, str], object],
-    timeout: float = DEFAULT_TIMEOUT,
+    timeout: float = CLIP_TIMEOUT,
     init: Callable | None = None,
 ) -> Iterator:
     """Run `work(job)` for every job in `n_workers` processes; yield the results as they come, in any order.

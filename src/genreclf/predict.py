@@ -36,7 +36,7 @@ from genreclf.errors import GenreclfError, first_line
 from genreclf.mel import log_mel, pad_or_trim, valid_frames
 from genreclf.modelfile import ModelFile
 from genreclf.pool import CLIP_TIMEOUT, default_workers, pool_imap
-from genreclf.timeline import Timeline, assemble, check_step, segments_of
+from genreclf.timeline import Timeline, assemble, check_step, segments_of, top_genres
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +88,7 @@ class Prediction:
 
     def top(self, k: int = 5) -> list[tuple[str, float]]:
         """Return the k most probable (genre, probability) pairs, most probable first (none if not scored)."""
-        order = np.argsort(-np.nan_to_num(self.probabilities, nan=-1.0), kind="stable")[:k]
-        return [(self.genres[i], float(self.probabilities[i])) for i in order if not np.isnan(self.probabilities[i])]
+        return top_genres(self.probabilities, self.genres, k)
 
     def chosen(self, threshold: float | None = None, with_parents: bool = False) -> list[str]:
         """Return the genres whose probability is >= their threshold (or `threshold`), most probable first.
@@ -266,15 +265,15 @@ class _Batcher:
         once it is full. Returns True when it scored."""
         window = self.seen.get(owner, 0)
         self.seen[owner] = window + 1
+        audible = []
         if self.step is not None:  # silent segments: gaps in the timeline
             segments = segments_of(window, samples, self.step, self.crop)
             silent = silent or (features is None,) * len(segments)
             self.segments.setdefault(owner, []).extend((s, None) for s, quiet in zip(segments, silent) if quiet)
-            self.to_score.append([s for s, quiet in zip(segments, silent) if not quiet])
+            audible = [s for s, quiet in zip(segments, silent) if not quiet]
         if features is None:
-            if self.step is not None:
-                self.to_score.pop()
             return False
+        self.to_score.append(audible)
         self.features[len(self.owners)] = features
         self.owners.append(owner)
         self.valid.append(valid_frames(samples, N_FRAMES))

@@ -326,19 +326,7 @@ def prediction_record(outcome: Outcome, tagger: Tagger) -> dict:
     if p.warning:
         record["warning"] = p.warning
     if p.timeline is not None:
-        line = p.timeline
-        record["timeline"] = {
-            "step": line.step,
-            "segments": [
-                {
-                    "start": round(float(start), 3),
-                    "end": round(float(end), 3),
-                    "genres": [{"genre": g, "probability": round(v, 4)} for g, v in genres],
-                }
-                | ({} if genres else {"silent": True})
-                for start, end, genres in zip(line.starts, line.ends, line.top(TOP, p.genres))
-            ],
-        }
+        record["timeline"] = p.timeline.record(p.genres, TOP)
     return record
 
 

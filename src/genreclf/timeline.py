@@ -38,14 +38,26 @@ class Timeline:
 
     def top(self, k: int, genres: list[str]) -> list[list[tuple[str, float]]]:
         """Return each segment's k most probable (genre, probability) pairs (none for a silent segment)."""
-        result = []
-        for row in self.probabilities:
-            if np.isnan(row).all():
-                result.append([])
-                continue
-            order = np.argsort(-row, kind="stable")[:k]
-            result.append([(genres[i], float(row[i])) for i in order])
-        return result
+        return [top_genres(row, genres, k) for row in self.probabilities]
+
+    def record(self, genres: list[str], k: int) -> dict:
+        """Return the timeline as JSON: {"step", "segments": [{"start", "end", "genres", "silent"?}]}, k genres each."""
+        segments = [
+            {
+                "start": round(float(start), 3),
+                "end": round(float(end), 3),
+                "genres": [{"genre": g, "probability": round(p, 4)} for g, p in top],
+            }
+            | ({} if top else {"silent": True})
+            for start, end, top in zip(self.starts, self.ends, self.top(k, genres))
+        ]
+        return {"step": self.step, "segments": segments}
+
+
+def top_genres(probabilities: np.ndarray, genres: list[str], k: int) -> list[tuple[str, float]]:
+    """Return the k most probable (genre, probability) pairs, most probable first; none where NaN (not scored)."""
+    order = np.argsort(-np.nan_to_num(probabilities, nan=-1.0), kind="stable")[:k]
+    return [(genres[i], float(probabilities[i])) for i in order if not np.isnan(probabilities[i])]
 
 
 def check_step(step: float) -> float:
