@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from genreclf.data import CropBatchSampler, EvenCropSampler, collate, crop_starts, loader, split_positions
+from genreclf.crops import crop_starts
+from genreclf.data import CropBatchSampler, EvenCropSampler, collate, loader, split_positions
 from genreclf.errors import GenreclfError
 from genreclf.store import FeatureStore
 

@@ -22,7 +22,8 @@ from conftest import write_bad_files, write_mp3
 from genreclf.cli import main
 from genreclf.modelfile import ModelFile
 from genreclf.models import TransformerConfig, model_from_config
-from genreclf.predict import Tagger, _file_items
+from genreclf.predict import Tagger
+from genreclf.windows import decode_file
 
 fastapi = pytest.importorskip("fastapi", reason='the serve extra is not installed: pip install "genreclf[serve]"')
 with warnings.catch_warnings():  # Starlette >= 1.10 would rather have httpx2; httpx still works
@@ -197,7 +198,7 @@ def crash_or_hang(job):
         os._exit(1)
     if head == b"HANG!":
         time.sleep(600)
-    yield from _file_items(job)
+    yield from decode_file(job)
 
 
 def test_a_crashing_or_hanging_decoder_costs_its_request_not_the_server(model_path, audio_files):

@@ -16,9 +16,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from genreclf.config import SPLITS
+from genreclf.crops import crop_starts
 from genreclf.errors import GenreclfError
 
-if TYPE_CHECKING:  # annotations only: the prediction path imports crop_starts without pandas
+if TYPE_CHECKING:  # annotations only: store imports pandas
     from genreclf.store import FeatureStore
 
 
@@ -36,25 +37,6 @@ def split_positions(store: FeatureStore, part: str, split: str = "official", see
     if len(positions) == 0:
         raise GenreclfError(f"the {split} split of {store.path} has no {part} tracks; featurize a larger corpus")
     return positions
-
-
-def crop_starts(n_frames: int, crop: int, n_crops: int) -> list[int]:
-    """Return evenly spaced start frames of n_crops crops of length crop covering n_frames.
-
-    The first crop starts at 0 and the last at n_frames - crop; one crop is the
-    centre crop; a sequence no longer than crop gives [0] (the caller pads).
-    Starts are rounded half up and deduplicated, so a short sequence can give
-    fewer than n_crops crops (a repeated crop would count twice in an average).
-    """
-    if crop < 1 or n_crops < 1:
-        raise GenreclfError(f"crop length and number of crops must be >= 1, got {crop} and {n_crops}")
-    span = n_frames - crop
-    if span <= 0:
-        return [0]
-    if n_crops == 1:
-        return [span // 2]
-    starts = [(2 * k * span + n_crops - 1) // (2 * (n_crops - 1)) for k in range(n_crops)]
-    return sorted(set(starts))
 
 
 class CropDataset(Dataset):

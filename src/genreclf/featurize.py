@@ -23,8 +23,9 @@ import torch
 from genreclf import audio, metadata
 from genreclf.atomic import atomic_write_text
 from genreclf.audio import MIN_SECONDS, N_FRAMES, N_MELS, N_SAMPLES, SignalConfig
+from genreclf.crops import valid_frames
 from genreclf.errors import GenreclfError, first_line
-from genreclf.mel import log_mel, log_mel_batch, pad_or_trim, valid_frames
+from genreclf.mel import log_mel, log_mel_batch, pad_or_trim
 from genreclf.pool import CLIP_TIMEOUT, default_workers, pool_map
 from genreclf.progress import progress_bar
 from genreclf.store import PartWriter, StoreHeader, part_name

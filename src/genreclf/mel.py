@@ -70,12 +70,6 @@ def pad_or_trim(waveform: np.ndarray, length: int = N_SAMPLES) -> np.ndarray:
     return np.pad(waveform, (0, length - len(waveform)))
 
 
-def valid_frames(n_samples: int, max_frames: int | None = None) -> int:
-    """Return how many frames of a clip of `n_samples` real samples are centred on real audio."""
-    frames = max(1, -(-n_samples // HOP_LENGTH))
-    return frames if max_frames is None else min(frames, max_frames)
-
-
 def log_mel_batch(waveforms: torch.Tensor) -> torch.Tensor:
     """Return normalised log-mel features (batch, frames, 128) of waveforms (batch, samples).
 

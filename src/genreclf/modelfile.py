@@ -113,7 +113,7 @@ class ModelFile:
                 f"{path}: genre parents or thresholds do not match its {len(genres)} genres; the file is "
                 "damaged, run `genreclf calibrate` on it again or use one written by `genreclf train`"
             )
-        model = model_from_config(config)
+        model = model_from_config(config, initialise=False)
         try:
             model.load_state_dict(tensors, strict=True)
         except RuntimeError as e:

@@ -232,7 +232,7 @@ class FrameReconstructionHead(nn.Module):
 class GRUTagger(nn.Module):
     """Stacked bidirectional GRU -> mean over real frames -> tagging head (logits)."""
 
-    def __init__(self, cfg: GRUConfig):
+    def __init__(self, cfg: GRUConfig, initialise: bool = True):
         super().__init__()
         self.cfg = cfg
         self.gru = nn.GRU(
@@ -245,7 +245,8 @@ class GRUTagger(nn.Module):
         )
         self.pool_drop = Dropout(cfg.pool_dropout)
         self.head = TaggingHead(2 * cfg.hidden, cfg.n_genres, cfg.head_factor)
-        init_keras_style(self)
+        if initialise:  # not when weights are loaded next: its QR decompositions took 0.25 s of `predict`
+            init_keras_style(self)
 
     def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
         """Return logits (batch, n_genres) for x (batch, frames, n_mels), 1 <= lengths <= frames."""
@@ -268,13 +269,14 @@ class GRUTagger(nn.Module):
 class TransformerTagger(nn.Module):
     """Transformer encoder over mel frames -> mean over real frames -> tagging head (logits)."""
 
-    def __init__(self, cfg: TransformerConfig):
+    def __init__(self, cfg: TransformerConfig, initialise: bool = True):
         super().__init__()
         self.cfg = cfg
         self.encoder = TransformerEncoder(cfg)
         self.pool_drop = Dropout(cfg.pool_dropout)
         self.head = TaggingHead(cfg.n_mels, cfg.n_genres, cfg.head_factor)
-        init_keras_style(self)
+        if initialise:  # not when weights are loaded next: its QR decompositions took 0.25 s of `predict`
+            init_keras_style(self)
 
     def encode(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
         """Return per-frame encoder features (batch, frames, n_mels)."""
@@ -325,12 +327,12 @@ def init_keras_style(model: nn.Module) -> None:
 # ---------------------------------------------------------------------------
 
 
-def model_from_config(cfg: ModelConfig) -> nn.Module:
-    """Return a freshly initialised model for a config."""
+def model_from_config(cfg: ModelConfig, initialise: bool = True) -> nn.Module:
+    """Return a freshly initialised model for a config (initialise=False: for weights loaded next)."""
     if isinstance(cfg, GRUConfig):
-        return GRUTagger(cfg)
+        return GRUTagger(cfg, initialise)
     if isinstance(cfg, TransformerConfig):
-        return TransformerTagger(cfg)
+        return TransformerTagger(cfg, initialise)
     raise TypeError(f"not a model config: {cfg!r}")
 
 

@@ -6,18 +6,19 @@ probabilities over evenly spaced crops; windows are averaged weighted by their r
 windows (RMS below audio.SILENCE_DBFS) are skipped, so a quiet intro does not dilute the music; a
 silent file gets no genres at all.
 
-`Tagger.predict_many` tags many files at once: worker processes decode each file as a stream of
-30-s windows and send each audible window's log-mel features (938 x 128 float32, 480 kB) as soon
-as it is ready; the parent scores windows from any files together in batches and yields each
-file's result as soon as its last window is scored. The pipes are the backpressure (a worker waits
+`Tagger.predict_many` tags many files at once: decoder processes (genreclf.windows, no torch)
+decode each file as a stream of 30-s windows and send each audible window's 16-kHz waveform
+(1.9 MB) as soon as it is ready; the parent computes the log-mel features of windows from any
+files together in batches, scores them, and yields each file's result as soon as its last window
+is scored. The pipes are the backpressure (a worker waits
 until the parent has read what it sent), so memory stays at a batch of windows plus a few in each
 pipe, whatever the number of files or their length.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
 import queue
 import threading
 from collections.abc import Iterable, Iterator
@@ -29,21 +30,24 @@ import numpy as np
 import torch
 
 from genreclf import audio
-from genreclf.audio import MIN_SECONDS, N_FRAMES, N_MELS, N_SAMPLES, SAMPLE_RATE
-from genreclf.data import crop_starts
+from genreclf.audio import N_FRAMES, N_SAMPLES, SAMPLE_RATE
+from genreclf.crops import crop_starts, valid_frames
 from genreclf.decide import Decision
-from genreclf.errors import GenreclfError, first_line
-from genreclf.mel import log_mel, pad_or_trim, valid_frames
+from genreclf.errors import GenreclfError
+from genreclf.fastops import keep_freed_memory
+from genreclf.mel import log_mel_batch
 from genreclf.modelfile import ModelFile
 from genreclf.pool import CLIP_TIMEOUT, default_workers, pool_imap
 from genreclf.timeline import Timeline, assemble, check_step, segments_of, top_genres
+from genreclf.windows import WINDOW, Level, audible_windows, decode_file, failed_file, file_windows
 
 log = logging.getLogger(__name__)
 
 CROP_FRAMES = 256  # the longest training crop
 N_CROPS = 8  # evenly spaced crops per 30-s window
 WINDOWS_PER_BATCH = 8  # 30-s windows scored together (from one file or several)
-PREFETCH_WINDOWS = 16  # windows received ahead of the model by predict_many's reader thread (~8 MB)
+MODEL_BATCH = 64  # crops per call of the model (8 crops x 8 windows)
+PREFETCH_WINDOWS = 8  # windows received ahead of the model by predict_many's reader thread (~15 MB)
 
 
 @torch.no_grad()
@@ -60,18 +64,18 @@ def score_features(
     """
     if crop is None:
         return torch.sigmoid(model(features, valid))
-    total = torch.zeros(len(features), model.cfg.n_genres, device=features.device)
-    counts = torch.zeros(len(features), 1, device=features.device)
-    # Tracks of equal valid length share crop positions: score them together.
+    means = torch.empty(len(features), model.cfg.n_genres, device=features.device)
+    # Tracks of equal valid length share crop positions: their crops go through the model together, up to
+    # MODEL_BATCH at a time (on one CPU thread a GRU ran 1.5x faster per crop in batches of 64 than of 8).
     for n in torch.unique(valid).tolist():
         rows = torch.nonzero(valid == n).flatten()
-        for start in crop_starts(int(n), crop, n_crops):
-            length = min(crop, int(n))
-            x = features[rows, start : start + length]
-            lengths = torch.full((len(rows),), length, device=features.device)
-            total[rows] += torch.sigmoid(model(x, lengths))
-            counts[rows] += 1
-    return total / counts
+        starts = crop_starts(int(n), crop, n_crops)
+        length = min(crop, int(n))
+        x = torch.cat([features[rows, start : start + length] for start in starts])  # crop-major
+        lengths = torch.full((MODEL_BATCH,), length, device=features.device)
+        logits = torch.cat([model(part, lengths[: len(part)]) for part in x.split(MODEL_BATCH)])
+        means[rows] = torch.sigmoid(logits).view(len(starts), len(rows), -1).mean(0)
+    return means
 
 
 @dataclass(frozen=True)
@@ -100,73 +104,6 @@ class Prediction:
             return []
         columns = (self.decision or Decision()).chosen(self.probabilities, threshold, with_parents)
         return [self.genres[c] for c in columns]
-
-
-@dataclass
-class _Level:
-    """Samples seen and their energy: the RMS level of a file decoded window by window."""
-
-    samples: int = 0
-    energy: float = 0.0
-
-    def dbfs(self) -> float:
-        """The RMS level in dBFS, as audio.rms_dbfs of the whole waveform (to ~1e-6 relative)."""
-        power = self.energy / self.samples if self.samples else 0.0
-        return 10.0 * math.log10(power) if power > 0 else float("-inf")
-
-
-def _audible(
-    windows: Iterable[np.ndarray], level: _Level, step: float | None = None, crop: int = CROP_FRAMES
-) -> Iterator[tuple[np.ndarray | None, int, tuple[bool, ...]]]:
-    """Yield (log-mel features (938, 128) float32, samples, silent timeline segments) of each window.
-
-    Features are None for a silent window; with a timeline `step`, one flag per segment of the window
-    (True: silent), else ().
-    """
-    for index, window in enumerate(windows):
-        level.samples += len(window)
-        level.energy += float(np.dot(window, window))
-        if audio.is_silent(window):
-            yield None, len(window), ()
-            continue
-        segments = () if step is None else segments_of(index, len(window), step, crop)
-        silent = tuple(audio.is_silent(window[s.samples()]) for s in segments)
-        yield log_mel(pad_or_trim(window)), len(window), silent
-
-
-def _file_windows(
-    path: str | Path,
-    level: _Level,
-    step: float | None = None,
-    crop: int = CROP_FRAMES,
-    min_seconds: float = MIN_SECONDS,
-) -> Iterator[tuple]:
-    """Yield the windows of the file at `path` (see _audible); AudioError when it is too short."""
-    windows = audio.stream(path, block_seconds=N_SAMPLES / SAMPLE_RATE)
-    first = next(windows, np.zeros(0, np.float32))  # 30 s unless the whole file is shorter
-    if len(first) < min_seconds * SAMPLE_RATE:
-        raise audio.AudioError(f"{path}: too short ({len(first) / SAMPLE_RATE:.2f} s < {min_seconds} s)")
-    yield from _audible(chain([first], windows), level, step, crop)
-
-
-_WINDOW, _END = "window", "end"
-
-
-def _file_items(job: tuple[int, str, float | None, int]) -> Iterator[tuple]:
-    """Worker: yield (i, "window", features or None, samples, silent segments) per window, then (i, "end", error,
-    dBFS, details)."""
-    i, path, step, crop = job
-    level = _Level()
-    try:
-        for features, samples, silent in _file_windows(path, level, step, crop):
-            yield i, _WINDOW, features, samples, silent
-    except GenreclfError as e:  # the decoders' words travel with it: a worker's own logging is not set up
-        yield i, _END, str(e), 0.0, getattr(e, "details", "")
-        return
-    except Exception as e:  # a decoder bug on one odd file must not stop the others
-        yield i, _END, f"{path}: unexpected {type(e).__name__}: {first_line(e)}", 0.0, str(e)
-        return
-    yield i, _END, "", level.dbfs(), ""
 
 
 class _Raised:
@@ -217,15 +154,6 @@ def _read_ahead(items: Iterator, size: int) -> Iterator:
         thread.join(10)  # a worker that hangs is stopped by the pool's timeout; past this, daemon threads die
 
 
-def _failed_file(job: tuple[int, str], reason: str) -> tuple:
-    """The end item of a file whose worker crashed or hung."""
-    return job[0], _END, f"{job[1]}: {reason}", 0.0, ""
-
-
-def _worker_init() -> None:
-    torch.set_num_threads(1)  # one file per process: threads would only contend
-
-
 def find_inputs(paths: Iterable[str | Path]) -> tuple[list[Path], list[tuple[str, str]]]:
     """Return (the audio files in `paths`, folders walked recursively; (path, error) for each unusable path)."""
     files, errors = [], []
@@ -250,7 +178,7 @@ class _Batcher:
     def __init__(self, tagger: Tagger, size: int, threads: int | None = None, step: float | None = None):
         self.tagger, self.size, self.step = tagger, size, step
         self.threads = threads  # torch threads while scoring (None: as they are)
-        self.features = np.empty((size, N_FRAMES, N_MELS), np.float32)  # one batch buffer: memory bounded
+        self.waves = np.zeros((size, N_SAMPLES), np.float32)  # one batch buffer: memory bounded
         self.owners: list[int] = []  # the file of each row
         self.valid: list[int] = []
         self.to_score: list[list] = []  # with a timeline: the audible segments of each row
@@ -260,21 +188,23 @@ class _Batcher:
         self.segments: dict[int, list[tuple]] = {}  # file -> its timeline's (Segment, probabilities or None)
         self.limit = 1  # the first batch is one window, then twice as many each time up to `size`: a quick first result
 
-    def add(self, owner: int, features: np.ndarray | None, samples: int, silent: tuple[bool, ...] = ()) -> bool:
-        """Queue one window (features None: silent; `silent`: its silent timeline segments); score the batch
-        once it is full. Returns True when it scored."""
+    def add(self, owner: int, wave: np.ndarray | None, samples: int, silent: tuple[bool, ...] = ()) -> bool:
+        """Queue one window (its waveform, at most 30 s; None: silent; `silent`: its silent timeline segments);
+        score the batch once it is full. Returns True when it scored."""
         window = self.seen.get(owner, 0)
         self.seen[owner] = window + 1
         audible = []
         if self.step is not None:  # silent segments: gaps in the timeline
             segments = segments_of(window, samples, self.step, self.crop)
-            silent = silent or (features is None,) * len(segments)
+            silent = silent or (wave is None,) * len(segments)
             self.segments.setdefault(owner, []).extend((s, None) for s, quiet in zip(segments, silent) if quiet)
             audible = [s for s, quiet in zip(segments, silent) if not quiet]
-        if features is None:
+        if wave is None:
             return False
         self.to_score.append(audible)
-        self.features[len(self.owners)] = features
+        row = self.waves[len(self.owners)]
+        row[: len(wave)] = wave
+        row[len(wave) :] = 0.0  # zero-padded to 30 s, as featurize pads a clip
         self.owners.append(owner)
         self.valid.append(valid_frames(samples, N_FRAMES))
         if len(self.owners) < self.limit:
@@ -287,12 +217,12 @@ class _Batcher:
         if not self.owners:
             return
         t = self.tagger
-        x = torch.from_numpy(self.features[: len(self.owners)]).to(t.device)
         v = torch.tensor(self.valid, device=t.device)
         before = torch.get_num_threads()
         if self.threads is not None:  # restored below: the caller's setting is not ours to keep
             torch.set_num_threads(self.threads)
         try:
+            x = self._features()
             weighted = v.float()[:, None] * score_features(t.model, x, v, t.crop, t.n_crops)
             if self.step is not None:
                 self._score_segments(x)
@@ -305,6 +235,15 @@ class _Batcher:
             self.sums[owner] = (total + weighted[rows].sum(0), frames + int(v[rows].sum()))
         self.owners, self.valid, self.to_score = [], [], []
         self.limit = min(self.size, 2 * self.limit)
+
+    def _features(self) -> torch.Tensor:
+        """Return the log-mel features (windows, frames, mels) of the queued windows, on the model's device."""
+        waves = torch.from_numpy(self.waves[: len(self.owners)]).to(self.tagger.device)
+        if waves.device.type != "cpu":
+            return log_mel_batch(waves)
+        # On a CPU one window at a time (one thread: 4 ms a window, against 5 in batches of 8 and 10 when a
+        # batch's spectra, 8 MB a window, are fresh memory to fault in).
+        return torch.cat([log_mel_batch(wave[None]) for wave in waves])
 
     @torch.no_grad()
     def _score_segments(self, x: torch.Tensor) -> None:
@@ -381,7 +320,7 @@ class Tagger:
         also the probabilities every that many seconds (Prediction.timeline).
         """
         step = None if timeline is None else check_step(timeline)
-        level = _Level()
+        level = Level()
         if isinstance(source, np.ndarray):
             if source.ndim != 1 or len(source) == 0:
                 raise GenreclfError("a waveform must be a non-empty 1-D array (mono)")
@@ -389,13 +328,13 @@ class Tagger:
                 raise GenreclfError("the waveform holds NaN or infinite samples; clean it (np.nan_to_num) first")
             wave = audio.resample(source, sample_rate)
             pieces = (wave[s : s + N_SAMPLES] for s in range(0, len(wave), N_SAMPLES))
-            windows = _audible(pieces, level, step, self.crop or N_FRAMES)
+            windows = audible_windows(pieces, level, step, self.crop or N_FRAMES)
             name = "<waveform>"
         else:  # decoded window by window: memory stays at a few windows however long the file is
-            windows, name = _file_windows(source, level, step, self.crop or N_FRAMES), str(source)
+            windows, name = file_windows(source, level, step, self.crop or N_FRAMES), str(source)
         batcher = _Batcher(self, WINDOWS_PER_BATCH, step=step)
-        for features, samples, silent in windows:
-            batcher.add(0, features, samples, silent)
+        for window, samples, silent in windows:
+            batcher.add(0, window, samples, silent)
         batcher.flush()
         return self._ended(name, batcher, 0, "", level.dbfs())
 
@@ -424,18 +363,25 @@ class Tagger:
         # against 4.4 s with 2 decoders, which also cost a second torch import).
         workers = min(max(1, default_workers() - 1) if workers is None else workers, len(files))
         if workers == 0:
-            items = chain.from_iterable(map(_file_items, jobs))
+            items = chain.from_iterable(map(decode_file, jobs))
         else:
-            items = pool_imap(jobs, workers, _file_items, _failed_file, timeout, init=_worker_init)
-            # A window (480 kB) does not fit in a pipe's buffer: without a reader, the decoders would wait
+            items = pool_imap(jobs, workers, decode_file, failed_file, timeout)
+            # A window (1.9 MB) does not fit in a pipe's buffer: without a reader, the decoders would wait
             # while the model scores a batch, and one core would idle.
             items = _read_ahead(items, PREFETCH_WINDOWS)
         # Cores busy decoding are not the model's: spinning threads waiting on them made scoring 3-10x slower.
         threads = max(1, torch.get_num_threads() - workers) if workers and self.device.type == "cpu" else None
         batcher = _Batcher(self, windows_per_batch, threads, step)
+        # Every batch needs the same few hundred MB of scratch: kept, not given back and faulted in again
+        # (page faults cost as much as the GRU's arithmetic in batches of 64 crops).
+        with keep_freed_memory() if self.device.type == "cpu" else contextlib.nullcontext():
+            yield from self._results(items, files, batcher)
+
+    def _results(self, items: Iterator[tuple], files: list[Path], batcher: _Batcher) -> Iterator[Prediction]:
+        """Score the decoders' `items` (see genreclf.windows) of `files`; yield each file's Prediction when done."""
         ended = {}  # file -> (error, level) of the files that ended with windows still in the batch
         for item in items:
-            if item[1] == _WINDOW:
+            if item[1] == WINDOW:
                 if batcher.add(*item[0:1], *item[2:]):  # scored: the files that ended are done
                     for i in list(ended):
                         yield self._ended(str(files[i]), batcher, i, *ended.pop(i))
@@ -467,6 +413,6 @@ class Tagger:
         batcher = _Batcher(self, windows_per_batch)  # the scoring of predict and predict_many
         for s in range(0, max(len(wave), 1), N_SAMPLES):
             window = wave[s : s + N_SAMPLES]
-            batcher.add(0, log_mel(pad_or_trim(window)), len(window))
+            batcher.add(0, window, len(window))
         batcher.flush()
         return batcher.pop(0)

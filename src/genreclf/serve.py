@@ -36,7 +36,8 @@ from genreclf.audio import AUDIO_EXTENSIONS, N_FRAMES, SAMPLE_RATE
 from genreclf.errors import GenreclfError
 from genreclf.models import config_to_dict
 from genreclf.pool import _READY, CLIP_TIMEOUT, _Pool, default_workers
-from genreclf.predict import WINDOWS_PER_BATCH, Prediction, Tagger, _Batcher, _file_items, _worker_init
+from genreclf.predict import WINDOWS_PER_BATCH, Prediction, Tagger, _Batcher
+from genreclf.windows import decode_file
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ class Engine:
         workers: int | None = None,
         timeout: float = CLIP_TIMEOUT,
         max_queue: int = ServeConfig.max_queue,
-        work=_file_items,  # the workers' job (a test swaps in one that crashes or hangs on cue)
+        work=decode_file,  # the workers' job (a test swaps in one that crashes or hangs on cue)
     ):
         self.tagger, self.timeout, self.max_queue, self.work = tagger, timeout, max_queue, work
         self.n_workers = default_workers() if workers is None else max(1, workers)
@@ -187,7 +188,7 @@ class Engine:
     def _run(self) -> None:
         pool = None
         try:
-            pool = _Pool(self.n_workers, self.work, _worker_init)
+            pool = _Pool(self.n_workers, self.work, None)
             while not self.stopping:
                 self._step(pool)
         except Exception:  # a bug here must not leave requests waiting forever
@@ -467,7 +468,7 @@ def create_app(
     model: str | Path | Tagger,
     config: ServeConfig = ServeConfig(),
     upload_root: str | Path | None = None,
-    work=_file_items,
+    work=decode_file,
 ):
     """Return the FastAPI app serving `model` (a model file, run folder or Tagger); start it with uvicorn.
 

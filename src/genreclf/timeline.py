@@ -17,9 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from genreclf.audio import CLIP_SECONDS, HOP_LENGTH, N_FRAMES, SAMPLE_RATE
-from genreclf.data import crop_starts
+from genreclf.crops import crop_starts, valid_frames
 from genreclf.errors import GenreclfError
-from genreclf.mel import valid_frames
 
 FRAMES_PER_SECOND = SAMPLE_RATE / HOP_LENGTH  # 31.25
 DEFAULT_STEP = 10.0  # seconds, as `--plot` uses when no --timeline is given
