@@ -252,17 +252,17 @@ def test_decoder_processes_import_no_torch():
 
 
 def test_predict_many_holds_a_few_windows_not_the_file(model_path, tmp_path):
-    from genreclf.predict import PREFETCH_WINDOWS, WINDOWS_PER_BATCH
+    from genreclf.predict import WINDOWS_PER_BATCH
+    from genreclf.windows import Decoding
 
-    minutes = 40  # 154 MB as 16-kHz float32, the form in which the parent receives it
+    minutes, read_ahead = 40, 4  # 154 MB as 16-kHz float32, the form in which the parent receives it
     path = write_long_wav(tmp_path / "forty_minutes.wav", minutes, SAMPLE_RATE)
-    window_bytes = N_SAMPLES * 4
-    bound = (WINDOWS_PER_BATCH + PREFETCH_WINDOWS + 4) * window_bytes  # the batch, the read-ahead, a few in transit
+    bound = (WINDOWS_PER_BATCH + read_ahead + 4) * N_SAMPLES * 4  # the batch, the read-ahead, a few in transit
     assert bound < minutes * 60 * SAMPLE_RATE * 4 / 3  # else the test could not tell a window from the file
     tagger = Tagger.load(model_path, device="cpu", crop=None)
     tracemalloc.start()  # the windows as the parent receives them are numpy buffers: traced
     try:
-        (result,) = tagger.predict_many([path], workers=1)
+        (result,) = tagger.predict_many(Decoding([path], workers=1, crop=N_FRAMES, read_ahead=read_ahead))
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -359,14 +359,14 @@ def test_cli_timeline_and_plots(model_path, tmp_path, capsys):
 
 
 def test_the_prediction_path_does_not_import_pandas():
-    # Every decoder worker imports genreclf.predict: what it does not need, it must not pay for.
+    # Tagging pays for what it needs only (decoders, still less: test_decoder_processes_import_no_torch).
     code = "import sys, genreclf.predict; print('pandas' in sys.modules, 'lightning' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
 
 
 def test_read_ahead_keeps_order_raises_the_sources_error_and_closes_it():
-    from genreclf.predict import _read_ahead
+    from genreclf.pool import ReadAhead
 
     closed = []
 
@@ -378,10 +378,10 @@ def test_read_ahead_keeps_order_raises_the_sources_error_and_closes_it():
         finally:
             closed.append(n)
 
-    assert list(_read_ahead(source(50), 4)) == list(range(50))  # more items than the queue holds
+    assert list(ReadAhead(source(50), 4)) == list(range(50))  # more items than the queue holds
     with pytest.raises(AudioError, match="decoder said no"):
-        list(_read_ahead(source(3, fail=True), 4))
-    stream = _read_ahead(source(1000), 4)
+        list(ReadAhead(source(3, fail=True), 4))
+    stream = iter(ReadAhead(source(1000), 4))
     assert next(stream) == 0
     stream.close()  # the caller stops early: the source is closed (a pool would stop its workers)
     assert closed == [50, 3, 1000]

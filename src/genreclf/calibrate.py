@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from genreclf.crops import CROP_FRAMES, N_CROPS
 from genreclf.data import split_positions
 from genreclf.decide import MIN_POSITIVES, choose_thresholds
 from genreclf.errors import GenreclfError
 from genreclf.evaluate import open_scoring, predict_store
 from genreclf.modelfile import update_metadata
-from genreclf.predict import CROP_FRAMES, N_CROPS
 from genreclf.store import FeatureStore
 
 log = logging.getLogger(__name__)

@@ -223,21 +223,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
     from genreclf import timeline
-    from genreclf.predict import Prediction, Tagger, find_inputs
-    from genreclf.progress import progress_bar
+    from genreclf.windows import Decoding, find_inputs
 
     if args.resume and not args.out:
         raise GenreclfError("--resume needs --out: the file whose recorded files to skip")
     step = args.timeline if args.timeline is not None else (timeline.DEFAULT_STEP if args.plot else None)
     if step is not None and "csv" in (args.format, args.out and args.out.suffix.lower().lstrip(".")):
         raise GenreclfError("--timeline and --plot need JSON or table output: CSV rows have no room for a timeline")
-    tagger = Tagger.load(args.model, crop=args.crop, n_crops=args.crops)
-    _check_decisions(tagger, args)
     files, errors = find_inputs(args.inputs)
-    plots = _Plots(args.plot, files) if args.plot else None
     out = _ResultsFile(args.out, args.resume) if args.out else None
     done = out.recorded if out else set()
     errors = [(source, error) for source, error in errors if os.path.abspath(source) not in done]
@@ -250,6 +244,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
             len(files),
             len(todo),
         )
+    try:  # the decoders start now and work while torch is imported and the model loaded (a second or more)
+        with Decoding(todo, args.workers, step, args.crop) as decoding:
+            return _predict_decoded(args, decoding, files, errors, out, step)
+    finally:
+        if out:
+            out.close()
+
+
+def _predict_decoded(args: argparse.Namespace, decoding: Any, files: list, errors: list, out: Any, step: Any) -> int:
+    """`genreclf predict`, its decoders started: load the model, print (and record) each result."""
+    from tqdm.auto import tqdm
+
+    from genreclf.predict import Prediction, Tagger
+    from genreclf.progress import progress_bar
+
+    tagger = Tagger.load(args.model, crop=args.crop, n_crops=args.crops)
+    _check_decisions(tagger, args)
+    plots = _Plots(args.plot, files) if args.plot else None
     if args.format == "csv":
         print(",".join(_CSV_HEADER), flush=True)
     failed = 0
@@ -267,17 +279,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
         with tqdm.external_write_mode(file=sys.stdout):  # printed above a live progress bar, not through it
             print(_format_record(record, args.format), end="", flush=True)
 
-    bar = progress_bar(len(todo), desc="predict", unit="file", enabled=not args.quiet)
+    bar = progress_bar(len(decoding.files), desc="predict", unit="file", enabled=not args.quiet)
     try:
         for source, error in errors:
             emit(Prediction(source, tagger.genres, [], error=error))
-        for prediction in tagger.predict_many(todo, args.workers, timeline=step):
+        for prediction in tagger.predict_many(decoding, timeline=step):
             emit(prediction)
             bar.update()
     finally:
         bar.close()
-        if out:
-            out.close()
     if failed:
         print(f"genreclf: {failed} input(s) could not be tagged (see the errors above)", file=sys.stderr)
     return 1 if failed else 0
@@ -949,7 +959,10 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
 
 
 def _add_predict(p: argparse.ArgumentParser) -> None:
-    from genreclf.predict import Prediction, Tagger
+    # No torch here: `genreclf predict` starts its decoders before it imports torch.
+    from genreclf.crops import CROP_FRAMES, N_CROPS
+    from genreclf.result import Prediction
+    from genreclf.windows import Decoding
 
     p.description = (
         "Tag audio files or folders (walked for audio) of any length: each file is cut into 30-s "
@@ -983,11 +996,11 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workers",
         type=_count,
-        default=_default(Tagger.predict_many, "workers"),
+        default=_default(Decoding, "workers"),
         help="decoder processes (default: one per core but one, which scores; 0: decode in this process)",
     )
-    p.add_argument("--crop", type=_positive_int, default=_default(Tagger, "crop"), help="crop length in frames")
-    p.add_argument("--crops", type=_positive_int, default=_default(Tagger, "n_crops"), help="crops per 30-s window")
+    p.add_argument("--crop", type=_positive_int, default=CROP_FRAMES, help="crop length in frames")
+    p.add_argument("--crops", type=_positive_int, default=N_CROPS, help="crops per 30-s window")
     p.add_argument(
         "--threshold",
         type=_probability,

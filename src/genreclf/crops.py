@@ -8,6 +8,9 @@ from __future__ import annotations
 from genreclf.audio import HOP_LENGTH
 from genreclf.errors import GenreclfError
 
+CROP_FRAMES = 256  # scoring crops: the longest training crop
+N_CROPS = 8  # evenly spaced crops per 30-s window (or per track, in evaluation)
+
 
 def valid_frames(n_samples: int, max_frames: int | None = None) -> int:
     """Return how many frames of a clip of `n_samples` real samples are centred on real audio."""

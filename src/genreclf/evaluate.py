@@ -17,12 +17,13 @@ import numpy as np
 import torch
 
 from genreclf.atomic import atomic_savez, atomic_write_text
+from genreclf.crops import CROP_FRAMES, N_CROPS
 from genreclf.data import split_positions
 from genreclf.errors import GenreclfError
 from genreclf.metrics import SUMMARY, tagging_metrics, top_level_accuracy
 from genreclf.modelfile import ModelFile
 from genreclf.models import ModelConfig
-from genreclf.predict import CROP_FRAMES, N_CROPS, score_features
+from genreclf.predict import score_features
 from genreclf.progress import progress_bar
 from genreclf.store import FeatureStore
 

@@ -13,7 +13,9 @@ import contextlib
 import logging
 import multiprocessing as mp
 import os
+import queue
 import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -277,3 +279,61 @@ def _lose_current(worker: _Worker, queue: deque, failed: Callable, reason: str) 
     if lost is not None:
         log.warning("%s", reason)
         yield failed(lost, reason)
+
+
+class _Raised:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+_DONE = object()
+
+
+class ReadAhead:
+    """The items of an iterator, taken from it from now on by a thread into a queue of `size` (memory bounded).
+
+    Iterate once. Leaving the iteration early, or close(), ends the thread and closes the source (a
+    pool_imap then stops its workers); an exception of the source is raised in the iterating thread.
+    """
+
+    def __init__(self, items: Iterator, size: int):
+        self._queue: queue.Queue = queue.Queue(size)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(items,), name="genreclf-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: object) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, items: Iterator) -> None:
+        try:
+            for item in items:
+                if not self._put(item):
+                    break
+        except BaseException as e:  # raised again in the caller's thread, where it belongs
+            self._put(_Raised(e))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+            self._put(_DONE)
+
+    def __iter__(self) -> Iterator:
+        try:
+            while (item := self._queue.get()) is not _DONE:
+                if isinstance(item, _Raised):
+                    raise item.error
+                yield item
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop reading ahead; wait a while for the source to be closed."""
+        self._stop.set()
+        self._thread.join(10)  # a worker that hangs is stopped by the pool's timeout; past this, daemon threads die

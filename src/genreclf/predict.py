@@ -19,11 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import queue
-import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -31,23 +27,21 @@ import torch
 
 from genreclf import audio
 from genreclf.audio import N_FRAMES, N_SAMPLES, SAMPLE_RATE
-from genreclf.crops import crop_starts, valid_frames
+from genreclf.crops import CROP_FRAMES, N_CROPS, crop_starts, valid_frames
 from genreclf.decide import Decision
 from genreclf.errors import GenreclfError
 from genreclf.fastops import keep_freed_memory
 from genreclf.mel import log_mel_batch
 from genreclf.modelfile import ModelFile
-from genreclf.pool import CLIP_TIMEOUT, default_workers, pool_imap
-from genreclf.timeline import Timeline, assemble, check_step, segments_of, top_genres
-from genreclf.windows import WINDOW, Level, audible_windows, decode_file, failed_file, file_windows
+from genreclf.pool import CLIP_TIMEOUT
+from genreclf.result import Prediction
+from genreclf.timeline import Timeline, assemble, check_step, segments_of
+from genreclf.windows import WINDOW, Decoding, Level, audible_windows, file_windows, find_inputs
 
 log = logging.getLogger(__name__)
 
-CROP_FRAMES = 256  # the longest training crop
-N_CROPS = 8  # evenly spaced crops per 30-s window
 WINDOWS_PER_BATCH = 8  # 30-s windows scored together (from one file or several)
 MODEL_BATCH = 64  # crops per call of the model (8 crops x 8 windows)
-PREFETCH_WINDOWS = 8  # windows received ahead of the model by predict_many's reader thread (~15 MB)
 
 
 @torch.no_grad()
@@ -76,97 +70,6 @@ def score_features(
         logits = torch.cat([model(part, lengths[: len(part)]) for part in x.split(MODEL_BATCH)])
         means[rows] = torch.sigmoid(logits).view(len(starts), len(rows), -1).mean(0)
     return means
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """The genre probabilities of one input (NaN where it was not scored: silent audio, or an error)."""
-
-    source: str  # file path, or "<waveform>"
-    genres: list[str]  # vocabulary order
-    probabilities: np.ndarray  # (genres,) float
-    decision: Decision | None = None  # the model's thresholds and genre tree, for `chosen`
-    warning: str = ""  # e.g. silent audio: no genres given
-    error: str = ""  # predict_many only: why the file could not be tagged
-    timeline: Timeline | None = None  # genres over time, when asked for
-
-    def top(self, k: int = 5) -> list[tuple[str, float]]:
-        """Return the k most probable (genre, probability) pairs, most probable first (none if not scored)."""
-        return top_genres(self.probabilities, self.genres, k)
-
-    def chosen(self, threshold: float | None = None, with_parents: bool = False) -> list[str]:
-        """Return the genres whose probability is >= their threshold (or `threshold`), most probable first.
-
-        with_parents adds the ancestors of each chosen genre (Metal brings Rock), after the chosen ones.
-        An input that was not scored (silent audio, or an error) has none.
-        """
-        if np.isnan(self.probabilities).all():
-            return []
-        columns = (self.decision or Decision()).chosen(self.probabilities, threshold, with_parents)
-        return [self.genres[c] for c in columns]
-
-
-class _Raised:
-    def __init__(self, error: BaseException):
-        self.error = error
-
-
-_DONE = object()
-
-
-def _read_ahead(items: Iterator, size: int) -> Iterator:
-    """Yield `items`, taken from them by a thread into a queue of `size` (memory bounded) while we work.
-
-    Ends the thread (and closes `items`, so a pool stops its workers) when the caller stops early.
-    """
-    ahead: queue.Queue = queue.Queue(size)
-    stop = threading.Event()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                ahead.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def run() -> None:
-        try:
-            for item in items:
-                if not put(item):
-                    break
-        except BaseException as e:  # raised again in the caller's thread, where it belongs
-            put(_Raised(e))
-        finally:
-            items.close()
-            put(_DONE)
-
-    thread = threading.Thread(target=run, name="genreclf-read-ahead", daemon=True)
-    thread.start()
-    try:
-        while (item := ahead.get()) is not _DONE:
-            if isinstance(item, _Raised):
-                raise item.error
-            yield item
-    finally:
-        stop.set()
-        thread.join(10)  # a worker that hangs is stopped by the pool's timeout; past this, daemon threads die
-
-
-def find_inputs(paths: Iterable[str | Path]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Return (the audio files in `paths`, folders walked recursively; (path, error) for each unusable path)."""
-    files, errors = [], []
-    for source in paths:
-        try:
-            found = audio.find_audio_files(source)
-        except GenreclfError as e:
-            errors.append((str(source), str(e)))
-            continue
-        if not found:
-            errors.append((str(source), f"{source}: no audio files found in this folder"))
-        files.extend(found)
-    return files, errors
 
 
 class _Batcher:
@@ -340,7 +243,7 @@ class Tagger:
 
     def predict_many(
         self,
-        paths: Iterable[str | Path],
+        paths: Iterable[str | Path] | Decoding,
         workers: int | None = None,
         windows_per_batch: int = WINDOWS_PER_BATCH,
         timeout: float = CLIP_TIMEOUT,
@@ -351,33 +254,34 @@ class Tagger:
         Results come in the order files finish. A file that cannot be tagged (unreadable, too short,
         its decoder crashed or gave no window for `timeout` seconds) yields a Prediction with `error`
         set and the others go on. `workers` decoder processes (None: one per core but one, which scores;
-        0: decode in this process). The probabilities (and the `timeline`, seconds per segment) equal `predict(path)`'s.
+        0: decode in this process). The probabilities (and the `timeline`, seconds per segment) equal
+        `predict(path)`'s. `paths` may be a Decoding already started (then its workers and timeout hold),
+        made with this timeline's step and this tagger's crop.
         """
         step = None if timeline is None else check_step(timeline)
-        files, errors = find_inputs(paths)
-        nan = np.full(len(self.genres), np.nan)
-        for source, error in errors:
-            yield Prediction(source, self.genres, nan, self.decision, error=error)
-        jobs = ((i, str(path), step, self.crop or N_FRAMES) for i, path in enumerate(files))
-        # The model needs a core too: on 2 cores, 1 decoder and the scoring kept both busy (60 files: 3.7 s
-        # against 4.4 s with 2 decoders, which also cost a second torch import).
-        workers = min(max(1, default_workers() - 1) if workers is None else workers, len(files))
-        if workers == 0:
-            items = chain.from_iterable(map(decode_file, jobs))
+        crop = self.crop or N_FRAMES
+        if isinstance(paths, Decoding):
+            decoding = paths
+            if (decoding.step, decoding.crop) != (step, crop):
+                raise ValueError(
+                    f"the Decoding has step {decoding.step} and crop {decoding.crop}, this call {step} and {crop}"
+                )
         else:
-            items = pool_imap(jobs, workers, decode_file, failed_file, timeout)
-            # A window (1.9 MB) does not fit in a pipe's buffer: without a reader, the decoders would wait
-            # while the model scores a batch, and one core would idle.
-            items = _read_ahead(items, PREFETCH_WINDOWS)
+            files, errors = find_inputs(paths)
+            nan = np.full(len(self.genres), np.nan)
+            for source, error in errors:
+                yield Prediction(source, self.genres, nan, self.decision, error=error)
+            decoding = Decoding(files, workers, step, crop, timeout)
         # Cores busy decoding are not the model's: spinning threads waiting on them made scoring 3-10x slower.
-        threads = max(1, torch.get_num_threads() - workers) if workers and self.device.type == "cpu" else None
+        cpu = self.device.type == "cpu"
+        threads = max(1, torch.get_num_threads() - decoding.workers) if decoding.workers and cpu else None
         batcher = _Batcher(self, windows_per_batch, threads, step)
         # Every batch needs the same few hundred MB of scratch: kept, not given back and faulted in again
         # (page faults cost as much as the GRU's arithmetic in batches of 64 crops).
-        with keep_freed_memory() if self.device.type == "cpu" else contextlib.nullcontext():
-            yield from self._results(items, files, batcher)
+        with decoding, keep_freed_memory() if cpu else contextlib.nullcontext():
+            yield from self._results(decoding, decoding.files, batcher)
 
-    def _results(self, items: Iterator[tuple], files: list[Path], batcher: _Batcher) -> Iterator[Prediction]:
+    def _results(self, items: Iterable[tuple], files: list[Path], batcher: _Batcher) -> Iterator[Prediction]:
         """Score the decoders' `items` (see genreclf.windows) of `files`; yield each file's Prediction when done."""
         ended = {}  # file -> (error, level) of the files that ended with windows still in the batch
         for item in items:

@@ -1,9 +1,10 @@
-"""A file as a stream of 30-s windows: the work of prediction's decoder processes, without torch.
+"""Files as streams of 30-s windows, decoded by worker processes: prediction's input, without torch.
 
 Decoders only decode, downmix, resample and measure loudness; they send each audible window's
-16-kHz waveform and the parent computes the log-mel features of a whole batch of windows at once,
-where the model runs. A decoder imports no torch, so it starts in a fraction of a second and gives
-the scoring all of the memory and cores that the imports would take.
+16-kHz waveform, and the process that runs the model computes its log-mel features. Nothing here
+imports torch: a decoder starts in a fraction of a second, and `genreclf predict` starts its
+decoders (`Decoding`) before it imports torch and loads the model, so that the first windows are
+decoded in the second that takes.
 """
 
 from __future__ import annotations
@@ -18,10 +19,15 @@ import numpy as np
 
 from genreclf import audio
 from genreclf.audio import MIN_SECONDS, N_SAMPLES, SAMPLE_RATE
+from genreclf.crops import CROP_FRAMES
 from genreclf.errors import GenreclfError, first_line
+from genreclf.pool import CLIP_TIMEOUT, ReadAhead, default_workers, pool_imap
 from genreclf.timeline import segments_of
 
 WINDOW, END = "window", "end"  # the kinds of item decode_file yields
+# Windows decoded ahead of the model (1.9 MB each): enough for the decoders to work through the second in
+# which `genreclf predict` imports torch and loads its model, and to go on while the model scores a batch.
+READ_AHEAD = 32
 
 
 @dataclass
@@ -85,3 +91,64 @@ def decode_file(job: tuple[int, str, float | None, int]) -> Iterator[tuple]:
 def failed_file(job: tuple[int, str, float | None, int], reason: str) -> tuple:
     """The END item of a file whose decoder crashed or hung."""
     return job[0], END, f"{job[1]}: {reason}", 0.0, ""
+
+
+def find_inputs(paths: Iterable[str | Path]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Return (the audio files in `paths`, folders walked recursively; (path, error) for each unusable path)."""
+    files, errors = [], []
+    for source in paths:
+        try:
+            found = audio.find_audio_files(source)
+        except GenreclfError as e:
+            errors.append((str(source), str(e)))
+            continue
+        if not found:
+            errors.append((str(source), f"{source}: no audio files found in this folder"))
+        files.extend(found)
+    return files, errors
+
+
+def default_decoders() -> int:
+    """One decoder process per core but one, which the model uses (at least one)."""
+    return max(1, default_workers() - 1)
+
+
+class Decoding:
+    """`files` being decoded (decode_file's items) by `workers` processes, from construction on.
+
+    Iterate once for the items; close() stops the decoders (iterating to the end does too). workers:
+    None for default_decoders(), 0 to decode in the iterating thread instead. step: the timeline's
+    seconds per segment (None: no timeline); crop: the frames of the model's crops.
+    """
+
+    def __init__(
+        self,
+        files: Iterable[str | Path],
+        workers: int | None = None,
+        step: float | None = None,
+        crop: int = CROP_FRAMES,
+        timeout: float = CLIP_TIMEOUT,
+        read_ahead: int = READ_AHEAD,
+    ):
+        self.files = [Path(f) for f in files]
+        self.step, self.crop = step, crop
+        self.workers = min(default_decoders() if workers is None else workers, len(self.files))
+        jobs = ((i, str(path), step, crop) for i, path in enumerate(self.files))
+        if self.workers == 0:
+            self._items: Iterable = chain.from_iterable(map(decode_file, jobs))
+        else:  # started now; a window does not fit a pipe's buffer, so without the thread decoders would wait
+            self._items = ReadAhead(pool_imap(jobs, self.workers, decode_file, failed_file, timeout), read_ahead)
+
+    def __iter__(self) -> Iterator[tuple]:
+        return iter(self._items)
+
+    def close(self) -> None:
+        """Stop the decoders (those not yet done)."""
+        if isinstance(self._items, ReadAhead):
+            self._items.close()
+
+    def __enter__(self) -> Decoding:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
