@@ -32,7 +32,7 @@ from common import describe_machine
 from genreclf.audio import N_FRAMES, N_MELS, SignalConfig
 from genreclf.data import CropBatchSampler, loader, split_positions
 from genreclf.evaluate import predict_store
-from genreclf.lightning_modules import weighted_bce
+from genreclf.losses import weighted_bce
 from genreclf.metadata import load_genres
 from genreclf.models import GRUConfig, TransformerConfig, model_from_config
 from genreclf.store import FeatureStore, PartWriter, StoreHeader, part_name

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from genreclf.fastops import keep_freed_memory
-from genreclf.lightning_modules import TaggerModule, weighted_bce
+from genreclf.lightning_modules import TaggerModule
+from genreclf.losses import weighted_bce
 from genreclf.models import GRUConfig, TransformerConfig
 
 BATCH = 32

@@ -408,6 +408,8 @@ def test_defaults_are_the_librarys_own_and_help_shows_them(capsys):
         optim.weight_decay,
         optim.plateau_patience,
     )
+    losses = ("loss", "focal_gamma", "focal_alpha", "asl_gamma_pos", "asl_gamma_neg", "asl_clip")
+    assert {k: getattr(train, k) for k in losses} == {k: getattr(optim, k) for k in losses}
     pretrain = parse(["pretrain", "--store", "s", "--out", "o"])
     assert (pretrain.masking, pretrain.lr, pretrain.mask_ratio, pretrain.plateau_patience) == (
         pre.masking,
@@ -429,6 +431,9 @@ def test_defaults_are_the_librarys_own_and_help_shows_them(capsys):
         ("--max-crop MAX_CROP", fit.max_crop),
         ("--devices DEVICES", fit.devices),
         ("--epochs EPOCHS", fit.epochs),
+        ("--loss {bce,focal,asymmetric,lsep}", optim.loss),
+        ("--focal-alpha FOCAL_ALPHA", optim.focal_alpha),
+        ("--asl-clip ASL_CLIP", optim.asl_clip),
     ):
         after = text[text.index(option) :]
         assert after[: after.index(" --", 2)].endswith(f"(default: {value})"), option

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from genreclf.fastgru import _BiGRULayer, fast_gru
-from genreclf.lightning_modules import weighted_bce
+from genreclf.losses import weighted_bce
 from genreclf.models import GRUConfig, GRUTagger, init_keras_style
 
 

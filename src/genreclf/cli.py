@@ -75,6 +75,15 @@ def _probability(text: str) -> float:
     return value
 
 
+def _number_or_none(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or none, not {text!r}") from None
+
+
 def _step_seconds(text: str) -> float:
     from genreclf.timeline import check_step
 
@@ -167,7 +176,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     from genreclf.train import train
 
     optim = TrainConfig(
-        lr=args.lr, pos_weight=args.pos_weight, weight_decay=args.weight_decay, plateau_patience=args.plateau_patience
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        plateau_patience=args.plateau_patience,
+        loss=args.loss,
+        pos_weight=args.pos_weight,
+        focal_gamma=args.focal_gamma,
+        focal_alpha=args.focal_alpha,
+        asl_gamma_pos=args.asl_gamma_pos,
+        asl_gamma_neg=args.asl_gamma_neg,
+        asl_clip=args.asl_clip,
     )
     result = train(
         args.store, args.out, _fit_config(args, args.model), optim, resume=args.resume, progress=not args.quiet
@@ -176,7 +194,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     print(
         f"{args.model}: {result.parameters:,} parameters, {result.epochs} epochs in {result.seconds:.0f} s, "
-        f"best val_loss {result.best_val_loss:.4f}; model written to {result.model_path}"
+        f"best val_loss {result.best_val_loss:.4f} ({args.loss}); model written to {result.model_path}"
     )
     return 0
 
@@ -792,13 +810,15 @@ def _add_featurize(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
-    from genreclf.config import FitConfig, TrainConfig
+    from genreclf.config import LOSSES, FitConfig, TrainConfig
 
     p.description = (
-        "Train on the store's training split with random 128-256-frame crops and a positively "
-        "weighted binary cross-entropy; the epoch with the lowest validation loss becomes "
-        "OUT/model.safetensors. Progress, losses per epoch (OUT/logs/metrics.csv) and an ETA are shown; "
-        "an interrupted run continues with --resume."
+        "Train on the store's training split with random 128-256-frame crops and a loss (--loss: by default "
+        "the reference's positively weighted binary cross-entropy); the epoch with the lowest validation loss "
+        "becomes OUT/model.safetensors, which records the loss. Progress, losses per epoch (OUT/logs/metrics.csv) "
+        "and an ETA are shown; an interrupted run continues with --resume (with the same loss). A parameter of "
+        "another loss than --loss is refused. val_loss is on the scale of the loss chosen: compare runs of "
+        "different losses with `genreclf evaluate`, not by val_loss."
     )
     p.add_argument("--model", choices=["gru", "transformer"], required=True, help="architecture")
     p.add_argument(
@@ -808,10 +828,53 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         help="Adam learning rate, as in the reference",
     )
     p.add_argument(
+        "--loss",
+        choices=LOSSES,
+        default=_default(TrainConfig, "loss"),
+        help="with p = sigmoid(logit) and y the 0/1 label, per (clip, genre): bce: -(w y log p + (1 - y) "
+        "log(1 - p)), w the positive weight; focal (Lin et al. 2017): -alpha_t (1 - p_t)^gamma log p_t, "
+        "p_t and alpha_t being p and alpha on a positive label, 1 - p and 1 - alpha on a negative; asymmetric "
+        "(ASL, Ridnik et al. 2021): -(1 - p)^gamma_pos log p on positives, -p_m^gamma_neg log(1 - p_m) on "
+        "negatives, p_m = max(p - clip, 0); each summed over the genres, averaged over the clips. lsep (Li et al. "
+        "2017): log(1 + sum over (negative v, positive u) of exp(logit_v - logit_u)) per clip, averaged over the "
+        "clips (a clip without a positive or a negative: 0)",
+    )
+    p.add_argument(
         "--pos-weight",
         type=_positive_float,
         default=_default(TrainConfig, "pos_weight"),
-        help="BCE weight of positive labels, as in the reference",
+        help="bce: weight of positive labels, as in the reference",
+    )
+    p.add_argument(
+        "--focal-gamma",
+        type=float,
+        default=_default(TrainConfig, "focal_gamma"),
+        help="focal: exponent gamma >= 0 of (1 - p_t) (0, with alpha none: plain BCE)",
+    )
+    p.add_argument(
+        "--focal-alpha",
+        type=_number_or_none,
+        default=_default(TrainConfig, "focal_alpha"),
+        help="focal: weight alpha in (0, 1) of positive labels, 1 - alpha of negatives (as Lin et al.); "
+        "none: 1 for both",
+    )
+    p.add_argument(
+        "--asl-gamma-pos",
+        type=float,
+        default=_default(TrainConfig, "asl_gamma_pos"),
+        help="asymmetric: exponent >= 0 of (1 - p) on positive labels",
+    )
+    p.add_argument(
+        "--asl-gamma-neg",
+        type=float,
+        default=_default(TrainConfig, "asl_gamma_neg"),
+        help="asymmetric: exponent >= 0 of p_m on negative labels",
+    )
+    p.add_argument(
+        "--asl-clip",
+        type=float,
+        default=_default(TrainConfig, "asl_clip"),
+        help="asymmetric: probability margin in [0, 1) taken off negatives (p_m = max(p - clip, 0))",
     )
     p.add_argument("--weight-decay", type=float, default=_default(TrainConfig, "weight_decay"), help="Adam L2 penalty")
     p.add_argument(

@@ -5,7 +5,8 @@ Light on purpose (no torch, no Lightning), so that `genreclf train --help` can s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 
 from genreclf.errors import GenreclfError
 
@@ -33,6 +34,16 @@ class FitConfig:
     strategy: str = "auto"  # Lightning strategy: auto, or ddp (one process per device; gloo on CPU, NCCL on GPU)
 
 
+# The training losses (genreclf.losses; README "Losses") and the TrainConfig fields that are each one's parameters.
+LOSS_PARAMETERS = {
+    "bce": ("pos_weight",),
+    "focal": ("focal_gamma", "focal_alpha"),
+    "asymmetric": ("asl_gamma_pos", "asl_gamma_neg", "asl_clip"),
+    "lsep": (),
+}
+LOSSES = tuple(LOSS_PARAMETERS)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation settings of supervised training (defaults: the reference's)."""
@@ -42,7 +53,13 @@ class TrainConfig:
     beta2: float = 0.999  # Adam beta_2: Keras' default, as the reference's Adam(1e-5)
     eps: float = 1e-7  # Adam epsilon: Keras' default
     weight_decay: float = 0.0  # L2 penalty added by Adam (the reference uses none)
-    pos_weight: float = 4.0  # BCE weight of positive labels, the same for every genre
+    loss: str = "bce"  # one of LOSSES; bce: the reference's positively weighted binary cross-entropy
+    pos_weight: float = 4.0  # bce: weight of positive labels, the same for every genre
+    focal_gamma: float = 2.0  # focal: exponent of (1 - p_t), the focusing on hard pairs (Lin et al.'s 2)
+    focal_alpha: float | None = 0.25  # focal: weight of positives, 1 - alpha of negatives (Lin et al.'s); None: 1
+    asl_gamma_pos: float = 0.0  # asymmetric: exponent of (1 - p) on positives (Ridnik et al.'s 0)
+    asl_gamma_neg: float = 4.0  # asymmetric: exponent of p_m on negatives (Ridnik et al.'s 4)
+    asl_clip: float = 0.05  # asymmetric: margin m, p_m = max(p - m, 0): negatives below m cost 0 (Ridnik et al.'s)
     plateau_factor: float = 0.1  # ReduceLROnPlateau: multiply lr by this (Keras default)
     plateau_patience: int = 20  # ReduceLROnPlateau: epochs without val_loss improvement
     min_lr: float = 1e-7  # ReduceLROnPlateau: lower bound of the lr
@@ -51,6 +68,28 @@ class TrainConfig:
         _check_optim(self)
         if not self.pos_weight > 0:
             raise GenreclfError(f"pos_weight must be > 0, got {self.pos_weight}")
+        if self.loss not in LOSSES:
+            raise GenreclfError(f"unknown loss {self.loss!r}; use one of {', '.join(LOSSES)}")
+        for name in ("focal_gamma", "asl_gamma_pos", "asl_gamma_neg"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise GenreclfError(f"{name} must be a number >= 0, got {getattr(self, name)}")
+        if self.focal_alpha is not None and not 0 < self.focal_alpha < 1:
+            raise GenreclfError(f"focal_alpha must be in (0, 1) or None (no weighting), got {self.focal_alpha}")
+        if not 0 <= self.asl_clip < 1:
+            raise GenreclfError(f"asl_clip must be in [0, 1), got {self.asl_clip}")
+        # A parameter of another loss would be recorded with the run but do nothing: refused, not ignored.
+        defaults = {f.name: f.default for f in fields(TrainConfig)}
+        for loss, names in LOSS_PARAMETERS.items():
+            for name in names:
+                if loss != self.loss and getattr(self, name) != defaults[name]:
+                    raise GenreclfError(
+                        f"{name}={getattr(self, name)} is a parameter of loss {loss!r}, not of {self.loss!r}; "
+                        f"leave it at its default ({defaults[name]}) or train with loss {loss!r}"
+                    )
+
+    def loss_record(self) -> dict:
+        """Return the loss and its parameters, {"loss": name, field: value, ...}: what a model file records."""
+        return {"loss": self.loss, **{name: getattr(self, name) for name in LOSS_PARAMETERS[self.loss]}}
 
 
 MASKINGS = ("span", "reference")  # pretraining masks: ours (spans, learned mask vector) or the reference's

@@ -1,4 +1,4 @@
-"""LightningModules: supervised tagging (weighted BCE) and masked-frame pretraining.
+"""LightningModules: supervised tagging (the loss TrainConfig names: genreclf.losses) and masked-frame pretraining.
 
 Batches are dicts {"x": float32 (B, T, n_mels), "lengths": int64 (B,), "y": float32 (B, G)};
 "lengths" may be left out when every frame is real, "y" is not needed for pretraining.
@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from genreclf.config import PretrainConfig, TrainConfig
 from genreclf.errors import GenreclfError
 from genreclf.fastops import keep_freed_memory
+from genreclf.losses import criterion
 from genreclf.models import (
     FrameReconstructionHead,
     ModelConfig,
@@ -30,16 +31,6 @@ from genreclf.models import (
     init_keras_style,
     model_from_config,
 )
-
-
-def weighted_bce(logits: Tensor, targets: Tensor, pos_weight: float) -> Tensor:
-    """Return BCE-with-logits summed over genres and averaged over clips, positives weighted by pos_weight.
-
-    The reference's loss: K.sum(-(4 y log p + (1 - y) log(1 - p)), axis=-1), averaged over the batch.
-    """
-    pw = torch.full((logits.shape[-1],), float(pos_weight), dtype=logits.dtype, device=logits.device)
-    per_pair = F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype), pos_weight=pw, reduction="none")
-    return per_pair.sum(-1).mean()
 
 
 def span_mask(
@@ -208,6 +199,7 @@ class TaggerModule(_ValidationLoss, _KeepsFreedMemory):
             }
         )
         self.model = model_from_config(self.model_config)
+        self.criterion = criterion(self.train_config)  # by the name in train_config.loss
 
     def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
         """Return logits (batch, n_genres)."""
@@ -215,16 +207,16 @@ class TaggerModule(_ValidationLoss, _KeepsFreedMemory):
 
     def _loss(self, batch: dict[str, Tensor]) -> Tensor:
         logits = self.model(batch["x"], batch.get("lengths"))
-        return weighted_bce(logits, batch["y"], self.train_config.pos_weight)
+        return self.criterion(logits, batch["y"])
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        """Return the weighted BCE of one batch."""
+        """Return the training loss of one batch."""
         loss = self._loss(batch)
         _log_train_loss(self, loss, len(batch["x"]))
         return loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        """Log the weighted BCE of one validation batch, over its counted clips."""
+        """Log the training loss of one validation batch, over its counted clips."""
         counted = _counted(batch)
         clips = int(counted.sum())
         # DDP's padding duplicates are left out; a rank's share of a tiny set can be duplicates only: 0 over 0 clips.

@@ -1,6 +1,6 @@
 """The model file: one .safetensors file with the weights and, in its metadata, everything
 needed to use them (model config, genre vocabulary and tree, signal settings, training provenance,
-and the per-genre decision thresholds chosen on the validation split).
+the training loss, and the per-genre decision thresholds chosen on the validation split).
 
 Loading never unpickles, and refuses a file made for other audio settings.
 """
@@ -47,6 +47,7 @@ class ModelFile:
     provenance: dict = field(default_factory=dict)  # store, split, epochs, losses, versions, date
     genre_parents: list[int] = field(default_factory=list)  # parent genre id of each genre, 0 for a root
     thresholds: dict | None = None  # per-genre decision thresholds (genreclf.calibrate); None before calibration
+    loss: dict | None = None  # the training loss and its parameters (TrainConfig.loss_record()); None: not recorded
 
     def save(self, path: str | Path) -> Path:
         """Write the model file atomically; return its path."""
@@ -64,6 +65,8 @@ class ModelFile:
             meta["genre_parents"] = json.dumps([int(g) for g in self.genre_parents])
         if self.thresholds is not None:
             meta["thresholds"] = json.dumps(self.thresholds)
+        if self.loss is not None:
+            meta["loss"] = json.dumps(self.loss)
         return save_tensors(path, self.model.state_dict(), meta)
 
     @classmethod
@@ -94,6 +97,8 @@ class ModelFile:
             # Both are absent from files written before decisions: such a file loads, and predicts.
             genre_parents = json.loads(meta.get("genre_parents", "[]"))
             thresholds = json.loads(meta["thresholds"]) if "thresholds" in meta else None
+            provenance = json.loads(meta.get("provenance", "{}"))
+            loss = json.loads(meta["loss"]) if "loss" in meta else _loss_before_losses(provenance)
         except (KeyError, TypeError, ValueError) as e:
             raise GenreclfError(
                 f"{path}: damaged genreclf model metadata ({type(e).__name__}: {first_line(e, 80)}); "
@@ -104,6 +109,10 @@ class ModelFile:
             raise GenreclfError(
                 f"{path}: {len(genres)} genre names and {len(genre_ids)} ids for a model of "
                 f"{config.n_genres} genres; the file is damaged, use one written by `genreclf train`"
+            )
+        if loss is not None and not (isinstance(loss, dict) and isinstance(loss.get("loss"), str)):
+            raise GenreclfError(
+                f"{path}: damaged genreclf model metadata (loss {loss!r}); use one written by `genreclf train`"
             )
         if len(genre_parents) not in (0, len(genres)) or (
             thresholds is not None
@@ -126,10 +135,19 @@ class ModelFile:
             genre_ids=genre_ids,
             signal=signal,
             genre_top_level=json.loads(meta.get("genre_top_level", "[]")),
-            provenance=json.loads(meta.get("provenance", "{}")),
+            provenance=provenance,
             genre_parents=genre_parents,
             thresholds=thresholds,
+            loss=loss,
         )
+
+
+def _loss_before_losses(provenance: dict) -> dict | None:
+    """Return the loss of a model file written before the loss was recorded: bce, then `genreclf train`'s only one."""
+    train_config = provenance.get("train_config") if isinstance(provenance, dict) else None
+    if not isinstance(train_config, dict):  # not written by `genreclf train`: its training is not known
+        return None
+    return {"loss": "bce", **({"pos_weight": train_config["pos_weight"]} if "pos_weight" in train_config else {})}
 
 
 def update_metadata(path: str | Path, entries: dict[str, str]) -> Path:

@@ -5,7 +5,7 @@ A run folder holds everything a run made:
     RUN/model.safetensors       the best model by validation loss (never chosen on the test split), with
                                 per-genre decision thresholds chosen on the validation split
     RUN/train.json              what was trained on what, parameters, epochs, losses, time
-    RUN/settings.json           the settings a resume must repeat (split, seed, crops, optimiser, store)
+    RUN/settings.json           the settings a resume must repeat (split, seed, crops, optimiser and loss, store)
     RUN/logs/metrics.csv        train_loss, val_loss and lr per epoch (TensorBoard too, if installed)
     RUN/checkpoints/last.ckpt   for `--resume` after an interruption; best.ckpt
 
@@ -173,7 +173,8 @@ def _prepare(
     with _quiet_lightning():
         trainer = _trainer(run_dir, fit, progress, callbacks)  # knows this process's rank and the world size
     rank, world = trainer.global_rank, trainer.world_size
-    _check_settings(run_dir, _settings(store, fit, optim), resume, write=trainer.is_global_zero)
+    defaults = {"optimiser": dataclasses.asdict(type(optim)())}
+    _check_settings(run_dir, _settings(store, fit, optim), resume, write=trainer.is_global_zero, defaults=defaults)
     L.seed_everything(fit.seed, workers=True, verbose=False)
     train_pos = split_positions(store, "training", fit.split, fit.seed)
     val_pos = split_positions(store, "validation", fit.split, fit.seed)
@@ -243,8 +244,14 @@ def _settings(store: FeatureStore, fit: FitConfig, optim: TrainConfig | Pretrain
     return json.loads(json.dumps(settings, default=str))  # as it reads back from settings.json (tuples -> lists)
 
 
-def _check_settings(run_dir: Path, settings: dict, resume: bool, write: bool = True) -> None:
-    """Write RUN/settings.json when a run starts (if `write`: DDP process 0); on --resume, refuse other settings."""
+def _check_settings(
+    run_dir: Path, settings: dict, resume: bool, write: bool = True, defaults: dict | None = None
+) -> None:
+    """Write RUN/settings.json when a run starts (if `write`: DDP process 0); on --resume, refuse other settings.
+
+    `defaults` {key: {field: default}} completes a dict-valued setting of a run started before the field
+    existed (its default is what that genreclf did: "loss" added to "optimiser" defaults to "bce").
+    """
     path = run_dir / "settings.json"
     if resume and not path.is_file():
         raise GenreclfError(
@@ -253,11 +260,14 @@ def _check_settings(run_dir: Path, settings: dict, resume: bool, write: bool = T
         )
     if resume:
         started = json.loads(path.read_text())
-        changed = [k for k in sorted(set(started) | set(settings)) if started.get(k) != settings.get(k)]
+        for key, fields in (defaults or {}).items():
+            if isinstance(started.get(key), dict):
+                started[key] = {**fields, **started[key]}
+        changed = _changed(started, settings)
         if changed:
-            was = ", ".join(f"{k}={started.get(k)!r}" for k in changed if k != "store_digest")
-            now = ", ".join(f"{k}={settings.get(k)!r}" for k in changed if k != "store_digest")
-            what = "another store's tracks" if changed == ["store_digest"] else f"{was} (now {now})"
+            was = ", ".join(f"{k}={v!r}" for k, (v, _) in changed.items() if k != "store_digest")
+            now = ", ".join(f"{k}={v!r}" for k, (_, v) in changed.items() if k != "store_digest")
+            what = "another store's tracks" if list(changed) == ["store_digest"] else f"{was} (now {now})"
             raise GenreclfError(
                 f"{run_dir} was started with {what}; resume with the same settings and store, or pick a new --out"
             )
@@ -265,6 +275,18 @@ def _check_settings(run_dir: Path, settings: dict, resume: bool, write: bool = T
     if write:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(settings, indent=1, default=str))
+
+
+def _changed(started: dict, now: dict, prefix: str = "") -> dict[str, tuple]:
+    """Return {key: (started, now)} of the settings that differ; "optimiser.loss" for a field of a dict setting."""
+    changed: dict[str, tuple] = {}
+    for k in sorted(set(started) | set(now)):
+        was, new = started.get(k), now.get(k)
+        if isinstance(was, dict) and isinstance(new, dict):
+            changed.update(_changed(was, new, f"{prefix}{k}."))
+        elif was != new:
+            changed[f"{prefix}{k}"] = (was, new)
+    return changed
 
 
 def _trainer(run_dir: Path, fit: FitConfig, progress: bool, extra: Sequence[Callback] = ()) -> L.Trainer:
@@ -406,9 +428,10 @@ def train(
     params = count_parameters(module.model)
     if trainer.is_global_zero:
         log.info(
-            "training %s (%s parameters) on %d tracks, validating on %d (%s split; %d process%s) -> %s",
+            "training %s (%s parameters, %s loss) on %d tracks, validating on %d (%s split; %d process%s) -> %s",
             fit.model,
             f"{params:,}",
+            optim.loss,
             run.counts[0],
             run.counts[1],
             fit.split,
@@ -441,6 +464,7 @@ def train(
         provenance=_provenance(store, fit, run.counts, extra),
         genre_parents=list(store.header.genre_parents),
         thresholds=thresholds,
+        loss=optim.loss_record(),
     ).save(model_path)
     atomic_write_text(run.run_dir / "train.json", json.dumps({"model": fit.model, **extra}, indent=1))
     return RunResult(run.run_dir, model_path, params, trainer.current_epoch, best_val, seconds)
