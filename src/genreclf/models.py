@@ -201,7 +201,10 @@ class TransformerEncoder(nn.Module):
     def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
         """Return per-frame features (batch, frames, n_mels); padded frames hold junk."""
         b, t, _ = x.shape
-        mask = None if lengths is None else frame_mask(lengths, b, t, x.device)
+        # No mask when every sequence is whole (training crops, prediction's crops): same outputs, and
+        # attention without a mask takes a faster kernel (4% of a forward pass on a CPU).
+        full = lengths is None or bool((lengths >= t).all())
+        mask = None if full else frame_mask(lengths, b, t, x.device)
         if mask is not None:
             # Zero the padding so that NaN/inf there cannot leak through 0-weight attention.
             x = x.masked_fill(~mask.unsqueeze(-1), 0.0)
