@@ -129,7 +129,7 @@ def test_ctrl_c_stops_featurize_with_one_line_and_it_resumes(corpus, store_dir, 
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
     assert "interrupted; run the same command again" in err
-    assert "Traceback" not in err and "KeyboardInterrupt" not in err  # workers leave it to the parent
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err  # workers leave it to the parent
     result = featurize(corpus, out, workers=2, progress=False)
     assert result.complete and result.done == 30
     for i in range(len(FeatureStore.open(store_dir))):
@@ -371,9 +371,9 @@ def test_a_worker_that_dies_or_hangs_fails_its_clip_and_the_job_goes_on(corpus, 
 def test_a_ctrl_c_while_a_worker_starts_does_not_kill_it(corpus):
     # A Ctrl-C reaches the whole process group, also a worker still importing (as one respawned after a crash).
     from genreclf.featurize import _work
-    from genreclf.pool import _Pool
+    from genreclf.pool import Pool
 
-    pool = _Pool(1, _work, None)
+    pool = Pool(1, _work, None)
     try:
         process = pool.workers[0].process
         os.kill(process.pid, signal.SIGINT)  # at once: the worker has not reached its own handler yet
@@ -386,9 +386,9 @@ def test_a_ctrl_c_while_a_worker_starts_does_not_kill_it(corpus):
 def test_a_worker_whose_parent_left_exits_quietly(capfd):
     # A parent stopped by Ctrl-C closes its pipes while a worker may still be starting: no traceback from it.
     from genreclf.featurize import _work
-    from genreclf.pool import _Pool
+    from genreclf.pool import Pool
 
-    pool = _Pool(1, _work, None)
+    pool = Pool(1, _work, None)
     worker = pool.workers[0]
     worker.conn.close()  # before the worker has said it is ready
     worker.process.join(60)

@@ -44,9 +44,8 @@ def _worker_main(conn: Connection, work: Callable, init: Callable | None) -> Non
     is the backpressure: a worker blocks on send until the parent has read what it sent.
     """
     # Ctrl-C reaches the whole process group: the parent handles it (and stops us); no tracebacks from here.
-    # SIGINT came blocked from _start (so a Ctrl-C during our imports waits); ignoring it drops one pending.
+    # (Started from the main thread, we have ignored it since exec: see _children_ignore_sigint.)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _unblock_sigint()
     if init is not None:
         init()
     try:
@@ -73,13 +72,26 @@ def default_workers() -> int:
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
-def _block_sigint() -> None:
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+@contextlib.contextmanager
+def _children_ignore_sigint() -> Iterator[None]:
+    """Processes started within the block ignore SIGINT from their first instruction on (main thread only).
 
-
-def _unblock_sigint() -> None:
-    if hasattr(signal, "pthread_sigmask"):
+    A signal ignored at exec stays ignored, and Python then installs no KeyboardInterrupt handler: a
+    Ctrl-C while a worker still imports (torch takes a second, more on a busy machine) prints no
+    traceback. A blocked mask is not enough: the spawn start method clears it in the child. Meanwhile
+    SIGINT is blocked here, so a Ctrl-C in the window is delivered to us afterwards, not lost (Linux keeps
+    a blocked signal pending whatever its action). Elsewhere than the main thread, Python cannot change
+    signal actions: a worker started there ignores SIGINT only once _worker_main runs.
+    """
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
@@ -92,7 +104,9 @@ class _Worker:
     since: float = 0.0  # when the job at jobs[0] started (ready, or the previous answer)
 
 
-class _Pool:
+class Pool:
+    """`n_workers` worker processes running `work` jobs, started now (see pool_imap)."""
+
     def __init__(self, n_workers: int, work: Callable, init: Callable | None):
         self.ctx = mp.get_context("spawn")  # fork after torch/OpenMP start-up can deadlock
         self.work, self.init = work, init
@@ -101,13 +115,8 @@ class _Pool:
     def _start(self) -> _Worker:
         parent, child = self.ctx.Pipe()
         process = self.ctx.Process(target=_worker_main, args=(child, self.work, self.init), daemon=True)
-        # The child inherits the blocked mask: a Ctrl-C while it imports (before _worker_main ignores SIGINT)
-        # would be a KeyboardInterrupt traceback. Ours is delivered when we unblock it.
-        _block_sigint()
-        try:
+        with _children_ignore_sigint():
             process.start()
-        finally:
-            _unblock_sigint()
         child.close()
         return _Worker(process, parent)
 
@@ -156,6 +165,7 @@ def pool_imap(
     failed: Callable[[object, str], object],
     timeout: float = CLIP_TIMEOUT,
     init: Callable | None = None,
+    pool: Pool | None = None,
 ) -> Iterator:
     """Run `work(job)` for every job in `n_workers` processes; yield the results as they come, in any order.
 
@@ -166,6 +176,7 @@ def pool_imap(
     last item. Time the caller spends between two items does not count against the workers' timeout
     (they wait on the caller then). `work`, `failed` and `init` (run once in each new worker) must be
     importable functions. Raises GenreclfError when workers keep dying before any job gives a result.
+    `pool`: workers already started (in the main thread, their start-up ignores Ctrl-C), used and closed.
     """
     fresh = enumerate(jobs)
     queue: deque = deque()  # jobs taken back from dead workers, tried first
@@ -182,9 +193,11 @@ def pool_imap(
 
     first = take(max(1, n_workers))
     if not first:
+        if pool is not None:
+            pool.close()
         return
     queue.extend(first)
-    pool = _Pool(max(1, min(n_workers, len(first))), work, init)
+    pool = pool or Pool(max(1, min(n_workers, len(first))), work, init)
     finished, deaths_before_any = 0, 0
     strikes: dict = {}  # job index -> workers it was on when they died, before anything worked
     try:

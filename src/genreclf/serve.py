@@ -35,7 +35,7 @@ import torch
 from genreclf.audio import AUDIO_EXTENSIONS, N_FRAMES, SAMPLE_RATE
 from genreclf.errors import GenreclfError
 from genreclf.models import config_to_dict
-from genreclf.pool import _READY, CLIP_TIMEOUT, _Pool, default_workers
+from genreclf.pool import _READY, CLIP_TIMEOUT, Pool, default_workers
 from genreclf.predict import WINDOWS_PER_BATCH, Prediction, Tagger, _Batcher
 from genreclf.windows import decode_file
 
@@ -188,7 +188,7 @@ class Engine:
     def _run(self) -> None:
         pool = None
         try:
-            pool = _Pool(self.n_workers, self.work, None)
+            pool = Pool(self.n_workers, self.work, None)
             while not self.stopping:
                 self._step(pool)
         except Exception:  # a bug here must not leave requests waiting forever
@@ -201,7 +201,7 @@ class Engine:
             for i in left:
                 self._answer(i, "the service stopped before this upload was tagged", 0.0, 503)
 
-    def _step(self, pool: _Pool) -> None:
+    def _step(self, pool: Pool) -> None:
         """Feed idle workers, wait for messages (or a hang's deadline), score what arrived."""
         now = time.monotonic()
         for worker in pool.workers:

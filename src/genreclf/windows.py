@@ -21,7 +21,7 @@ from genreclf import audio
 from genreclf.audio import MIN_SECONDS, N_SAMPLES, SAMPLE_RATE
 from genreclf.crops import CROP_FRAMES
 from genreclf.errors import GenreclfError, first_line
-from genreclf.pool import CLIP_TIMEOUT, ReadAhead, default_workers, pool_imap
+from genreclf.pool import CLIP_TIMEOUT, Pool, ReadAhead, default_workers, pool_imap
 from genreclf.timeline import segments_of
 
 WINDOW, END = "window", "end"  # the kinds of item decode_file yields
@@ -136,8 +136,10 @@ class Decoding:
         jobs = ((i, str(path), step, crop) for i, path in enumerate(self.files))
         if self.workers == 0:
             self._items: Iterable = chain.from_iterable(map(decode_file, jobs))
-        else:  # started now; a window does not fit a pipe's buffer, so without the thread decoders would wait
-            self._items = ReadAhead(pool_imap(jobs, self.workers, decode_file, failed_file, timeout), read_ahead)
+        else:  # started here (this thread's Ctrl-C safety); read ahead: a window does not fit a pipe's buffer
+            pool = Pool(self.workers, decode_file, None)
+            items = pool_imap(jobs, self.workers, decode_file, failed_file, timeout, pool=pool)
+            self._items = ReadAhead(items, read_ahead)
 
     def __iter__(self) -> Iterator[tuple]:
         return iter(self._items)
