@@ -128,6 +128,18 @@ class GenreTree:
             return not (scores[:, child] > scores[:, self.parent[child]]).any()
 
 
+def level_name(depth: int | None, short: bool = False) -> str:
+    """Return how a level is named: "all genres" (depth None), "level 1 (top-level)", "level 2", ...
+
+    short: "all", "top-level", "level 2", ...
+    """
+    if depth is None:
+        return "all" if short else "all genres"
+    if depth == 1:
+        return "top-level" if short else "level 1 (top-level)"
+    return f"level {depth}"
+
+
 def make_consistent(scores: np.ndarray, tree: GenreTree) -> np.ndarray:
     """Return scores (tracks, genres) in which each genre is raised to the largest score in its subtree.
 
