@@ -19,11 +19,14 @@ The rule only raises scores; a genre's own score is kept whenever it already top
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from genreclf.errors import GenreclfError
-from genreclf.metadata import LABEL_COLUMNS, Genres
+
+if TYPE_CHECKING:  # genreclf.metadata imports pandas, which the prediction path must not pay for
+    from genreclf.metadata import Genres
 
 CONSISTENCY_RULE = (
     "max over descendants: each genre's score is raised to the largest score in its subtree "
@@ -159,6 +162,8 @@ def make_consistent(scores: np.ndarray, tree: GenreTree) -> np.ndarray:
 
 def convert_targets(targets: np.ndarray, have: str, want: str, tree: GenreTree) -> tuple[np.ndarray, str]:
     """Return the `want` targets ("genres" or "genres_all") made from a store's `have` targets, and how."""
+    from genreclf.metadata import LABEL_COLUMNS
+
     for name in (have, want):
         if name not in LABEL_COLUMNS:
             raise GenreclfError(f"unknown labels {name!r}: use one of {', '.join(LABEL_COLUMNS)}")
