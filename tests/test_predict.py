@@ -23,6 +23,7 @@ from genreclf.audio import N_FRAMES, N_SAMPLES, SAMPLE_RATE
 from genreclf.cli import main
 from genreclf.crops import crop_starts, valid_frames
 from genreclf.errors import AudioError, GenreclfError
+from genreclf.hierarchy import GenreTree, make_consistent
 from genreclf.modelfile import ModelFile
 from genreclf.models import TransformerConfig, model_from_config
 from genreclf.predict import Tagger, score_features
@@ -175,6 +176,35 @@ def test_predict_chooses_by_the_model_thresholds_and_adds_ancestors(tmp_path, ca
     assert main(["predict", str(path), str(REAL_MP3), "--format", "csv"]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert {r["genre"]: r["chosen"] for r in rows} == {"Jazz": "1", "Rock": "0", "Metal": "0", "Death-Metal": "1"}
+
+
+def test_consistent_probabilities_raise_a_parent_to_its_most_probable_descendant(tmp_path, capsys):
+    torch.manual_seed(0)  # Metal comes out more probable than Rock, its parent, on REAL_MP3
+    config = TransformerConfig(n_genres=4, n_layers=1, n_heads=2, d_ff=32, head_factor=1)
+    genres, ids, parents = ["Jazz", "Rock", "Metal", "Death-Metal"], [4, 12, 31, 101], [0, 0, 12, 31]
+    mf = ModelFile(model_from_config(config).eval(), config, genres, ids, genre_parents=parents)
+    path = mf.save(tmp_path / "model.safetensors")
+    raw = Tagger.load(path, device="cpu").predict(REAL_MP3, timeline=10)
+    made = Tagger.load(path, device="cpu", consistent=True).predict(REAL_MP3, timeline=10)
+    p, q = raw.probabilities, made.probabilities
+    assert p[2] > p[1] and p[2] > p[3]  # Metal above Rock: inconsistent as the model gives it
+    np.testing.assert_array_equal(q, [p[0], p[2], p[2], p[3]])  # Rock raised to Metal; the rest kept
+    tree = GenreTree.from_ids(ids, parents)
+    np.testing.assert_array_equal(made.timeline.probabilities, make_consistent(raw.timeline.probabilities, tree))
+    assert tree.is_consistent(made.timeline.probabilities) and not tree.is_consistent(raw.timeline.probabilities)
+    many = list(Tagger.load(path, device="cpu", consistent=True).predict_many([REAL_MP3], workers=0))
+    np.testing.assert_array_equal(many[0].probabilities, q)
+    assert main(["predict", str(path), str(REAL_MP3), "--format", "json", "--consistent", "--threshold", "0.5"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    shown = {g["genre"]: g["probability"] for g in record["genres"]}
+    assert shown["Rock"] == shown["Metal"] == round(float(p[2]), 4)
+    assert record["chosen"] == [g for g in ("Rock", "Metal") if q[genres.index(g)] >= 0.5]
+    # A model file without the genre tree cannot make its probabilities consistent.
+    bare = ModelFile(model_from_config(config).eval(), config, genres, ids).save(tmp_path / "bare.safetensors")
+    with pytest.raises(GenreclfError, match="genre tree"):
+        Tagger.load(bare, device="cpu", consistent=True)
+    assert main(["predict", str(bare), str(REAL_MP3), "--consistent"]) == 2
+    assert "genre tree" in capsys.readouterr().err
 
 
 def _write(path: Path, wave: np.ndarray, rate: int = SAMPLE_RATE) -> Path:

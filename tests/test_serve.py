@@ -190,6 +190,25 @@ def test_an_api_key_is_needed_except_for_health(bare_model_path, audio_files):
         assert r.status_code == 200 and r.json()["chosen"] is None  # no thresholds: no decision
 
 
+def test_serve_consistent_answers_the_consistent_probabilities_of_tagger(audio_files, tmp_path):
+    torch.manual_seed(1)  # Death-Metal above Metal and Rock on the tone
+    config = TransformerConfig(n_genres=4, n_layers=1, n_heads=2, d_ff=32, head_factor=1)
+    genres, ids, parents = ["Jazz", "Rock", "Metal", "Death-Metal"], [4, 12, 31, 101], [0, 0, 12, 31]
+    path = ModelFile(model_from_config(config).eval(), config, genres, ids, genre_parents=parents).save(
+        tmp_path / "model.safetensors"
+    )
+    upload = audio_files["mp3"]
+    expected = Tagger.load(path, device="cpu", consistent=True).predict(upload, timeline=10)
+    raw = Tagger.load(path, device="cpu").predict(upload).probabilities
+    assert not np.allclose(raw, expected.probabilities, atol=1e-3)  # a real change to find in the answer
+    with TestClient(create_app(path, ServeConfig(workers=1, consistent=True))) as c:
+        assert c.get("/v1/model").json()["consistent"] is True
+        r = _post(c, upload).json()
+    np.testing.assert_allclose([r["probabilities"][g] for g in genres], expected.probabilities, atol=1e-4)
+    for segment, row in zip(r["timeline"]["segments"], expected.timeline.probabilities):
+        assert segment["genres"][0]["probability"] == pytest.approx(row.max(), abs=1e-4)
+
+
 def crash_or_hang(job):
     """A decoder worker that dies on an upload starting with CRASH and hangs on one starting with HANG."""
     with open(job[1], "rb") as f:

@@ -232,6 +232,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         n_crops=args.crops,
         seed=args.seed,
         whole_sequence=args.whole_sequence,
+        targets=args.targets,
+        consistent=args.consistent,
         out=out,
         progress=not args.quiet,
     )
@@ -277,7 +279,7 @@ def _predict_decoded(args: argparse.Namespace, decoding: Any, files: list, error
     from genreclf.predict import Prediction, Tagger
     from genreclf.progress import progress_bar
 
-    tagger = Tagger.load(args.model, crop=args.crop, n_crops=args.crops)
+    tagger = Tagger.load(args.model, crop=args.crop, n_crops=args.crops, consistent=args.consistent)
     _check_decisions(tagger, args)
     plots = _Plots(args.plot, files) if args.plot else None
     if args.format == "csv":
@@ -586,6 +588,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         pr_genres=args.pr_genre,
         progress=not args.quiet,
         whole_sequence=args.whole_sequence,
+        targets=args.targets,
+        consistent=args.consistent,
     )
     print(f"report written to {result.markdown} (with {result.json.name} and {len(result.figures)} figures)")
     return 0
@@ -613,7 +617,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     api_key = args.api_key or os.environ.get("GENRECLF_API_KEY") or None
     config = ServeConfig(
-        host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, workers=args.workers, api_key=api_key
+        host=args.host,
+        port=args.port,
+        max_upload_mb=args.max_upload_mb,
+        workers=args.workers,
+        api_key=api_key,
+        consistent=args.consistent,
     )
     serve(args.model, config)
     return 0
@@ -990,8 +999,8 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
     p.description = (
         "Predict every track of a split (mean over evenly spaced crops, and with --whole-sequence over the whole "
         "sequence too) and compute the reference's positively weighted AP, micro AP, macro AP and macro ROC-AUC, "
-        "each with the score of a prior-only predictor, plus FMA's top-level genre accuracy. Writes metrics.json "
-        "and predictions.npz."
+        "each with the score of a prior-only predictor, on all genres and on each level of the genre tree (level 1: "
+        "the 16 top-level genres), plus FMA's top-level genre accuracy. Writes metrics.json and predictions.npz."
     )
     p.add_argument("model", help="model.safetensors (or the run folder holding it)")
     p.add_argument("--store", type=Path, required=True, help="feature store to evaluate on")
@@ -1017,8 +1026,33 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
         default=_default(evaluate, "seed"),
         help="seed of the reference split (default: the model's training seed)",
     )
+    _add_hierarchy(p, _default(evaluate, "targets"), _default(evaluate, "consistent"))
     p.add_argument("--out", type=Path, default=None, help="metrics file (default: beside the model)")
     p.set_defaults(func=cmd_evaluate)
+
+
+def _add_hierarchy(p: argparse.ArgumentParser, targets: str | None, consistent: bool | None) -> None:
+    """Add --targets and --consistent (evaluate; report, where their defaults None keep each run's evaluation)."""
+    from genreclf.metadata import LABEL_COLUMNS
+
+    runs = " (default: as each run was evaluated)" if consistent is None else ""
+    p.add_argument(
+        "--targets",
+        choices=LABEL_COLUMNS,
+        default=targets,
+        help="score against these labels whatever the model was trained on"
+        + (runs or " (default: the store's own)")
+        + ". From a genres store, genres_all is derived exactly (genres and their ancestors); from a genres_all "
+        "store, genres as each track's most specific genres (FMA's genres also lists an ancestor a track was "
+        "tagged with)",
+    )
+    p.add_argument(
+        "--consistent",
+        action="store_true" if consistent is not None else argparse.BooleanOptionalAction,
+        default=consistent,
+        help="make the scores hierarchy-consistent first: each genre raised to its most probable descendant's "
+        "score, so no genre scores above its parent" + runs,
+    )
 
 
 def _add_predict(p: argparse.ArgumentParser) -> None:
@@ -1074,6 +1108,12 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
         "--with-parents",
         action="store_true",
         help="add the ancestors of each chosen genre from genres.csv (Metal brings Rock)",
+    )
+    p.add_argument(
+        "--consistent",
+        action="store_true",
+        help="hierarchy-consistent probabilities: each genre raised to its most probable descendant's, so no "
+        "genre is more probable than its parent (the timeline's too)",
     )
     p.add_argument(
         "--timeline",
@@ -1216,6 +1256,7 @@ def _add_report(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also compare crop averaging with scoring each whole sequence at once (slower)",
     )
+    _add_hierarchy(p, _default(build_report, "targets"), _default(build_report, "consistent"))
     p.set_defaults(func=cmd_report)
 
 
@@ -1275,6 +1316,12 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
         default=_default(ServeConfig, "api_key"),
         help="require this key (X-API-Key header or Authorization: Bearer) on /v1/*; default: $GENRECLF_API_KEY, "
         "else none",
+    )
+    p.add_argument(
+        "--consistent",
+        action="store_true",
+        help="answer hierarchy-consistent probabilities (no genre more probable than its parent), as predict "
+        "--consistent",
     )
     p.set_defaults(func=cmd_serve)
 

@@ -2,8 +2,10 @@
 
 Predictions are the mean over evenly spaced crops of each track (deterministic), and,
 when asked (whole_sequence=True), over the whole sequence at once; metrics come with the chance level of a
-prior-only predictor (see genreclf.metrics). The model is never chosen on the test split:
-training picks its checkpoint by validation loss.
+prior-only predictor (see genreclf.metrics), on all genres and on each level of FMA's genre tree
+(`level_metrics`). Targets are the store's own label set, or the other one derived through the tree
+(genreclf.hierarchy.convert_targets); consistent=True scores with genreclf.hierarchy.make_consistent.
+The model is never chosen on the test split: training picks its checkpoint by validation loss.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from genreclf.atomic import atomic_savez, atomic_write_text
 from genreclf.crops import CROP_FRAMES, N_CROPS
 from genreclf.data import split_positions
 from genreclf.errors import GenreclfError
+from genreclf.hierarchy import CONSISTENCY_RULE, GenreTree, convert_targets, level_name, make_consistent
 from genreclf.metrics import SUMMARY, tagging_metrics, top_level_accuracy
 from genreclf.modelfile import ModelFile
 from genreclf.models import ModelConfig
@@ -84,6 +87,41 @@ def check_vocabulary(model_file: ModelFile, store: FeatureStore, model_path: Pat
         raise GenreclfError(f"model {model_path} was trained on another genre vocabulary than store {store.path}")
 
 
+def store_tree(store: FeatureStore) -> GenreTree:
+    """Return the genre tree of a store's genres (store.json keeps genres.csv's parents)."""
+    return GenreTree.from_ids(store.genre_ids, store.header.genre_parents)
+
+
+def store_targets(store: FeatureStore, labels: str | None = None) -> tuple[np.ndarray, str, str]:
+    """Return (targets (tracks, genres) uint8, their label set, how they were made) of `store` as `labels`.
+
+    labels None: the store's own label set ("genres" or "genres_all"). The other one is derived through
+    the genre tree: exactly for genres_all, approximately for genres (genreclf.hierarchy.DERIVED_TARGETS).
+    """
+    want = labels or store.header.labels
+    targets, how = convert_targets(store.targets, store.header.labels, want, store_tree(store))
+    return targets, want, how
+
+
+def level_metrics(y_true: np.ndarray, scores: np.ndarray, prior: np.ndarray, tree: GenreTree) -> list[dict]:
+    """Return the summary metrics with their chance levels on all genres, then on each level of the tree.
+
+    Level 1 holds the top-level genres (FMA's 16 roots), level 2 their children, and so on; each level's
+    metrics are those of its genres' columns alone (genreclf.metrics.tagging_metrics on them).
+    """
+    groups = [(None, np.arange(len(tree)))] + list(tree.levels().items())
+    out = []
+    for depth, columns in groups:
+        m = tagging_metrics(y_true[:, columns], scores[:, columns], prior=np.asarray(prior)[columns])
+        keys = [k for name in SUMMARY for k in (name, f"chance_{name}", f"random_{name}") if k in m]
+        counts = ("n_genres", "n_genres_ap", "n_genres_roc_auc", "n_positive_pairs")
+        record = {"depth": depth, **{k: m[k] for k in counts}, **{k: m[k] for k in keys}}
+        if not record["n_genres_roc_auc"]:  # no genre to average: no chance level either
+            record["chance_roc_auc_macro"] = None
+        out.append(record)
+    return out
+
+
 @dataclass(frozen=True)
 class Scoring:
     """A model file and a store opened together, and the split and seed to score it on."""
@@ -132,12 +170,18 @@ def evaluate(
     out: str | Path | None = None,
     progress: bool = True,
     whole_sequence: bool = False,
+    targets: str | None = None,
+    consistent: bool = False,
 ) -> dict:
     """Return (and write to `out`, with predictions.npz beside it) the metrics of a model on a split.
 
     whole_sequence=True also scores each track's whole sequence at once ("metrics_whole_sequence"),
     in batches sized so that their attention stays within WHOLE_SEQUENCE_BUDGET. It is off by default:
     the models were trained on crops of at most 256 frames, not on whole 938-frame tracks.
+
+    targets: "genres" or "genres_all", the label set to score against (None: the store's own; see
+    store_targets), whatever the model was trained on ("labels" in the result says both).
+    consistent=True makes the scores hierarchy-consistent first (genreclf.hierarchy.CONSISTENCY_RULE).
 
     `split` and `seed` default to those the model was trained with (its provenance). Tracks
     of the evaluated part that were in the model's own training split are counted in
@@ -163,9 +207,25 @@ def evaluate(
             trained_split,
             trained_seed,
         )
-    y_true = store.targets[positions].astype(np.int8)
-    prior = store.targets[train_positions].mean(0)  # the prior-only predictor knows the training prevalence
+    tree = store_tree(store)
+    all_targets, target_labels, targets_from = store_targets(store, targets)
+    trained_labels = model_file.provenance.get("labels")
+    if targets is None and trained_labels not in (None, target_labels):
+        log.warning(
+            "%s was trained on %s labels but store %s holds %s: evaluating against %s (--targets %s: against %s)",
+            model_path,
+            trained_labels,
+            store.path,
+            target_labels,
+            target_labels,
+            trained_labels,
+            trained_labels,
+        )
+    y_true = all_targets[positions].astype(np.int8)
+    prior = all_targets[train_positions].mean(0)  # the prior-only predictor knows the training prevalence
     scores = predict_store(model_file.model, store, positions, crop, n_crops, progress=progress)
+    if consistent:
+        scores = make_consistent(scores, tree)
     result = {
         "model": str(model_path),
         "model_kind": model_file.config.kind,
@@ -177,7 +237,16 @@ def evaluate(
         "n_seen_in_training": int(len(seen)),
         "n_failed_in_store": int(len(store.failed)),
         "crops": {"length": crop, "count": n_crops},
+        "labels": {
+            "trained": trained_labels,
+            "targets": target_labels,
+            "store": store.header.labels,
+            "targets_from": targets_from,
+        },
+        "consistent": bool(consistent),
+        "consistency_rule": CONSISTENCY_RULE if consistent else None,
         "metrics": tagging_metrics(y_true, scores, store.genres, prior),
+        "levels": level_metrics(y_true, scores, prior, tree),
         "top_level_accuracy": _top_level(store, positions, scores, train_positions),
     }
     arrays = {
@@ -190,7 +259,8 @@ def evaluate(
     if whole_sequence:
         frames = store.item(int(positions[0])).shape[0] if len(positions) else 0
         batch = whole_sequence_batch(model_file.config, max(frames, 1))
-        arrays["scores_whole"] = whole = predict_store(model_file.model, store, positions, None, batch_size=batch)
+        whole = predict_store(model_file.model, store, positions, None, batch_size=batch)
+        arrays["scores_whole"] = whole = make_consistent(whole, tree) if consistent else whole
         result["metrics_whole_sequence"] = tagging_metrics(y_true, whole, store.genres, prior)
         result["whole_sequence"] = {"frames": frames, "batch_size": batch}
     if out is not None:
@@ -253,8 +323,47 @@ def format_table(results: list[dict]) -> str:
         row = f"{'top-level acc':<15}" + "".join(fmt(a, width + 2) for a in accs)
         lines.append(row + fmt(results[0]["top_level_accuracy"]["majority_class"], 10))
     r0 = results[0]
+    if all(r.get("levels") for r in results):
+        lines += _levels_table(results, width)
     lines.append(
         f"({r0['n_tracks']} {r0['part']} tracks, {r0['split']} split; mean over {r0['crops']['count']} "
         f"crops of {r0['crops']['length']} frames; chance = prior-only predictor / majority class)"
     )
+    for r in results:
+        labels = r.get("labels") or {}
+        if r.get("consistent") or labels.get("trained") not in (None, labels.get("targets")):
+            lines.append(f"({describe_scoring(r)})")
     return "\n".join(lines)
+
+
+LEVEL_TABLE = ("ap_weighted", "ap_macro")  # the metrics format_table shows per level
+
+
+def _levels_table(results: list[dict], width: int) -> list[str]:
+    """Rows of LEVEL_TABLE's metrics per level of the genre tree (genres with test positives / all)."""
+    names = [Path(r["model"]).parent.name or r["model"] for r in results]
+    lines = [f"{'per level (genres tested)':<30}" + "".join(f"{n:>{width + 2}}" for n in names) + f"{'chance':>10}"]
+    for m in LEVEL_TABLE:
+        for k, level in enumerate(results[0]["levels"]):
+            name = f"{level_name(level['depth'], short=True)} ({level['n_genres_ap']}/{level['n_genres']})"
+            row = f"{m if k == 0 else '':<12}{name:<18}" + "".join(fmt(r["levels"][k][m], width + 2) for r in results)
+            lines.append(row + fmt(level[f"chance_{m}"], 10))
+    return lines
+
+
+SHORT_RULE = "a parent scores at least its most probable descendant"
+
+
+def describe_scoring(result: dict, short: bool = True) -> str:
+    """Return one sentence: which labels the model was trained on, which targets it was scored against, how."""
+    labels = result.get("labels") or {}
+    trained, targets = labels.get("trained") or "unknown labels", labels.get("targets") or "the store's"
+    if short:
+        store = labels.get("store")
+        source = "the store's own" if store in (None, targets) else f"derived from the store's {store}"
+        text = f"trained on {trained}, evaluated against {targets} targets ({source})"
+    else:
+        text = f"trained on {trained}, evaluated against {targets} targets ({labels.get('targets_from', 'the store')})"
+    if result.get("consistent"):
+        text += f"; scores made hierarchy-consistent ({SHORT_RULE if short else CONSISTENCY_RULE})"
+    return text

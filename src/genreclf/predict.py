@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from genreclf.crops import CROP_FRAMES, N_CROPS, crop_starts, valid_frames
 from genreclf.decide import Decision
 from genreclf.errors import GenreclfError
 from genreclf.fastops import keep_freed_memory
+from genreclf.hierarchy import GenreTree, make_consistent
 from genreclf.mel import log_mel_batch
 from genreclf.modelfile import ModelFile
 from genreclf.pool import CLIP_TIMEOUT
@@ -188,7 +190,11 @@ class _Batcher:
 
 
 class Tagger:
-    """A trained genre tagger: `Tagger.load(path).predict(file_or_waveform)`."""
+    """A trained genre tagger: `Tagger.load(path).predict(file_or_waveform)`.
+
+    consistent=True makes every probability it gives (per file and per timeline segment) hierarchy-consistent:
+    each genre raised to its most probable descendant's (genreclf.hierarchy.CONSISTENCY_RULE).
+    """
 
     def __init__(
         self,
@@ -196,6 +202,7 @@ class Tagger:
         device: str | torch.device = "cpu",
         crop: int | None = CROP_FRAMES,
         n_crops: int = N_CROPS,
+        consistent: bool = False,
     ):
         self.file = model_file
         self.model = model_file.model.to(device).eval()
@@ -203,6 +210,21 @@ class Tagger:
         self.decision = Decision.of(model_file.genre_ids, model_file.genre_parents, model_file.thresholds)
         self.device = torch.device(device)
         self.crop, self.n_crops = crop, n_crops
+        self.consistent = consistent
+        self.tree = None  # the genre tree when consistent
+        if consistent:
+            if not model_file.genre_parents:
+                raise GenreclfError(
+                    "this model file does not store the genre tree that consistent scores need: run "
+                    "`genreclf calibrate RUN --store STORE` once to add it"
+                )
+            self.tree = GenreTree.from_ids(model_file.genre_ids, model_file.genre_parents)
+
+    def _consistent(self, probabilities: np.ndarray) -> np.ndarray:
+        """Return (..., genres) probabilities made consistent when asked for, else as they are."""
+        if self.tree is None:
+            return probabilities
+        return make_consistent(np.atleast_2d(probabilities), self.tree).reshape(probabilities.shape)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device | None = None, **options) -> Tagger:
@@ -304,13 +326,15 @@ class Tagger:
     def _ended(self, source: str, batcher: _Batcher, i: int, error: str, level: float) -> Prediction:
         """The Prediction of file `i`, whose windows are all scored; none scored, or a silent whole: no genres."""
         probabilities, timeline = batcher.pop(i), batcher.pop_timeline(i)
+        if timeline is not None and self.tree is not None:
+            timeline = replace(timeline, probabilities=self._consistent(timeline.probabilities))
         nan = np.full(len(self.genres), np.nan)
         if error:
             return Prediction(source, self.genres, nan, self.decision, error=error)
         if probabilities is None or level < audio.SILENCE_DBFS:
             warning = f"silent audio (RMS level {level:.0f} dBFS < {audio.SILENCE_DBFS:.0f} dBFS): not tagged"
             return Prediction(source, self.genres, nan, self.decision, warning=warning, timeline=timeline)
-        return Prediction(source, self.genres, probabilities, self.decision, timeline=timeline)
+        return Prediction(source, self.genres, self._consistent(probabilities), self.decision, timeline=timeline)
 
     def probabilities(self, wave: np.ndarray, windows_per_batch: int = WINDOWS_PER_BATCH) -> np.ndarray:
         """Return genre probabilities of a mono 16-kHz waveform of any length: every window, silent or not."""
@@ -319,4 +343,4 @@ class Tagger:
             window = wave[s : s + N_SAMPLES]
             batcher.add(0, window, len(window))
         batcher.flush()
-        return batcher.pop(0)
+        return self._consistent(batcher.pop(0))

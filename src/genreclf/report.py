@@ -4,7 +4,8 @@
 genreclf.evaluate when they are missing, stale, or from another split or store) and writes
 
     OUT/report.md                 what was measured, metrics with 95% BCa bootstrap intervals and chance
-                                  levels, paired differences, top-level accuracy, crop averaging
+                                  levels, paired differences, metrics per level of the genre tree (the 16
+                                  top-level genres, their sub-genres, ...), top-level accuracy, crop averaging
                                   (against whole-sequence scores, where measured), per-genre table,
                                   and the figures below
     OUT/report.json               the same numbers, machine-readable
@@ -16,6 +17,8 @@ genreclf.evaluate when they are missing, stale, or from another split or store) 
 Runs are grouped by the split they were evaluated on. Within a group every run must have
 been scored on the same tracks, so differences are paired (same bootstrap resamples);
 between groups (official vs the leaky reference split) only the numbers side by side are shown.
+Each run's evaluation says which labels it was scored against (`targets`, e.g. genres_all for a model
+trained on genres) and whether its scores were made hierarchy-consistent; the report says so too.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from genreclf.atomic import atomic_write_text
 from genreclf.config import SPLITS
 from genreclf.data import split_positions
 from genreclf.errors import GenreclfError, first_line
-from genreclf.evaluate import evaluate
+from genreclf.evaluate import evaluate, level_metrics, store_targets
+from genreclf.hierarchy import GenreTree
 from genreclf.metrics import (
     MACRO_GENRE_SET,
     SUMMARY,
@@ -74,6 +78,7 @@ class Run:
     predictions: dict[str, np.ndarray]  # RUN/predictions.npz
     history: pd.DataFrame | None  # epoch, train_loss, val_loss (None without RUN/logs/metrics.csv)
     checked: bool  # the predictions were checked against the store's split
+    tree: GenreTree | None = None  # the genre tree of the model's genres (None: neither model file nor store has it)
 
     @property
     def split(self) -> str:
@@ -132,9 +137,18 @@ def read_predictions(path: Path) -> dict[str, np.ndarray]:
 
 
 def _stale_reason(
-    run_dir: Path, store: FeatureStore | None, split: str, seed: int, whole_sequence: bool = False
+    run_dir: Path,
+    store: FeatureStore | None,
+    split: str,
+    seed: int,
+    whole_sequence: bool = False,
+    targets: str | None = None,
+    consistent: bool | None = None,
 ) -> str | None:
-    """Why RUN/metrics.json + predictions.npz cannot be used for `split` of `store` (None: usable)."""
+    """Why RUN/metrics.json + predictions.npz cannot be used for `split` of `store` (None: usable).
+
+    targets / consistent None: whatever the evaluation used; else it must have used these.
+    """
     metrics, preds = run_dir / "metrics.json", run_dir / "predictions.npz"
     if not metrics.is_file() or not preds.is_file():
         return "no metrics.json and predictions.npz"
@@ -149,13 +163,19 @@ def _stale_reason(
         return f"evaluated on the {ev.get('part')} part of the {ev.get('split')} split"
     if whole_sequence and WHOLE_KEY not in p:
         return "whole-sequence scores asked for but not measured"
+    if consistent is not None and bool(ev.get("consistent", False)) != consistent:
+        return "scored with consistent scores" if ev.get("consistent") else "scored without consistent scores"
+    # An evaluation from before `targets` existed was scored against its store's own labels.
+    scored = (ev.get("labels") or {}).get("targets") or (store.header.labels if store is not None else None)
+    if targets is not None and scored != targets:
+        return f"evaluated against {scored or 'unrecorded'} targets, not {targets}"
     track_ids, y_true = p["track_ids"], p["y_true"]
     if store is None:
         return None
     positions = split_positions(store, PART, split, seed)
     if ev.get("store") != store.describe() or not np.array_equal(track_ids, store.track_ids[positions]):
         return f"evaluated on other tracks than the {split} {PART} split of {store.path}"
-    if not np.array_equal(y_true, store.targets[positions]):
+    if not np.array_equal(y_true, store_targets(store, scored)[0][positions]):
         return f"evaluated with other labels than those of {store.path}"
     return None
 
@@ -167,18 +187,22 @@ def load_run(
     progress: bool = True,
     stores: dict[Path, FeatureStore] | None = None,
     whole_sequence: bool = False,
+    targets: str | None = None,
+    consistent: bool | None = None,
 ) -> Run:
     """Return a run with its test-set evaluation, evaluating it first if needed.
 
     store and split default to those the run was trained on (its model file's provenance);
     `stores` caches opened stores between calls. whole_sequence=True re-evaluates a run whose
-    evaluation lacks whole-sequence scores.
+    evaluation lacks whole-sequence scores; `targets` and `consistent` (see genreclf.evaluate.evaluate),
+    one that was scored otherwise (None: as it was scored; the defaults when it must be evaluated).
     """
     run_dir = Path(run_dir)
     model_path = run_dir / "model.safetensors"
     if not model_path.is_file():
         raise GenreclfError(f"{run_dir}: no model.safetensors; give run folders written by `genreclf train`")
-    prov = ModelFile.load(model_path).provenance
+    model_file = ModelFile.load(model_path)
+    prov = model_file.provenance
     split = split or prov.get("split", "official")
     if split not in SPLITS:
         raise GenreclfError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
@@ -190,7 +214,7 @@ def load_run(
         if store_path.resolve() not in stores:
             stores[store_path.resolve()] = FeatureStore.open(store_path)  # an explicit --store must open
         store_obj = stores[store_path.resolve()]
-    reason = _stale_reason(run_dir, store_obj, split, seed, whole_sequence)
+    reason = _stale_reason(run_dir, store_obj, split, seed, whole_sequence, targets, consistent)
     if reason is not None:
         if store_obj is None:
             raise GenreclfError(
@@ -206,11 +230,19 @@ def load_run(
             out=run_dir / "metrics.json",
             progress=progress,
             whole_sequence=whole_sequence,
+            targets=targets,
+            consistent=bool(consistent),
         )
     elif store_obj is None:
         log.warning("%s: store %s is not there; using its metrics.json without checking it", run_dir, store_path)
     preds = read_predictions(run_dir / "predictions.npz")
     preds["genres"] = [str(g) for g in preds["genres"]]
+    if model_file.genre_parents:
+        tree = GenreTree.from_ids(model_file.genre_ids, model_file.genre_parents)
+    elif store_obj is not None:
+        tree = GenreTree.from_ids(store_obj.genre_ids, store_obj.header.genre_parents)
+    else:
+        tree = None
     return Run(
         run_dir.name,
         run_dir,
@@ -219,6 +251,7 @@ def load_run(
         preds,
         learning_curve(run_dir / "logs" / "metrics.csv"),
         store_obj is not None,
+        tree,
     )
 
 
@@ -299,7 +332,9 @@ def run_summary(run: Run, n_boot: int) -> dict:
         "trained": prov.get("date"),
         "train_tracks": prov.get("train_tracks"),
         "checked_against_store": run.checked,
+        "scoring": _scoring(run),
         "metrics": metrics,
+        "levels": None if run.tree is None else level_metrics(p["y_true"], p["scores"], p["prior"], run.tree),
         "top_level": ev.get("top_level_accuracy"),
         "macro_genres": {
             "ap_macro": crops["n_genres_ap"],
@@ -308,6 +343,20 @@ def run_summary(run: Run, n_boot: int) -> dict:
             "rule": MACRO_GENRE_SET,
         },
         "crop_averaging": _crop_averaging(run, crops, n_boot),
+    }
+
+
+def _scoring(run: Run) -> dict:
+    """Return what the run was trained on, what it was scored against, and whether its scores were made consistent."""
+    ev = run.evaluation
+    labels = ev.get("labels") or {}  # absent from evaluations made before targets existed: the store's own
+    return {
+        "trained": labels.get("trained", run.provenance.get("labels")),
+        "targets": labels.get("targets"),
+        "store": labels.get("store"),
+        "targets_from": labels.get("targets_from", "the store's own labels"),
+        "consistent": bool(ev.get("consistent", False)),
+        "consistency_rule": ev.get("consistency_rule"),
     }
 
 
@@ -422,17 +471,21 @@ def build_report(
     pr_genres: list[str] | None = None,
     progress: bool = True,
     whole_sequence: bool = False,
+    targets: str | None = None,
+    consistent: bool | None = None,
 ) -> ReportResult:
     """Write report.md, report.json and PNG figures comparing the runs to `out_dir`; return what was written.
 
     whole_sequence=True compares crop averaging with whole-sequence scores, evaluating runs that lack them.
+    targets ("genres" or "genres_all") and consistent: score every run so, re-evaluating those scored
+    otherwise (None: each run as it was evaluated; see load_run).
     """
     if not run_dirs:
         raise GenreclfError("give at least one run folder written by `genreclf train`")
     if n_boot < 1:
         raise GenreclfError(f"the number of bootstrap resamples must be at least 1, got {n_boot}")
     stores: dict[Path, FeatureStore] = {}
-    runs = [load_run(Path(d), store, split, progress, stores, whole_sequence) for d in run_dirs]
+    runs = [load_run(Path(d), store, split, progress, stores, whole_sequence, targets, consistent) for d in run_dirs]
     _unique_names(runs)
     groups = group_runs(runs)
     out_dir = Path(out_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from genreclf.hierarchy import level_name
 from genreclf.metrics import DESCRIPTIONS, SUMMARY
 
 SMALL_TEST_SET = 1000  # tracks; below this the report warns that averaged per-genre AP is biased upward
@@ -82,6 +83,13 @@ def _provenance(s: dict) -> list[str]:
             )
         if not r["checked_against_store"]:
             lines.append("  - Warning: the store was not available; its metrics.json was used without checking it.")
+        sc = r.get("scoring") or {}
+        if sc.get("trained") and sc.get("targets") not in (None, sc["trained"]):
+            lines.append(
+                f"  - Trained on `{sc['trained']}`, evaluated against `{sc['targets']}` targets: {sc['targets_from']}."
+            )
+        if sc.get("consistent"):
+            lines.append(f"  - Scores made hierarchy-consistent before any metric: {sc['consistency_rule']}.")
     return lines + [""]
 
 
@@ -142,6 +150,54 @@ def _macro_genres(g: dict) -> str:
         "holds no information on it, so that genre keeps its full-set value there. Dropping it instead "
         "would average mostly frequent, better-scored genres in those resamples and push the interval up."
     )
+
+
+def _scoring_sentence(r: dict) -> str:
+    sc = r.get("scoring") or {}
+    targets = f"`{sc['targets']}`" if sc.get("targets") else "the store's"
+    trained = f"`{sc['trained']}`" if sc.get("trained") else "labels not recorded"
+    how = "made hierarchy-consistent" if sc.get("consistent") else "as the model gives them"
+    return f"- **{r['name']}**: trained on {trained}, evaluated against {targets} targets; scores {how}."
+
+
+def _levels(s: dict) -> list[str]:
+    lines = [
+        "## Per level of the genre tree",
+        "",
+        "FMA's genres form a tree (genres.csv): level 1 holds the 16 top-level genres (Rock, Electronic, ...), "
+        "level 2 their sub-genres (Metal), level 3 theirs (Death-Metal), and so on. Each level's metrics use the "
+        "columns of its genres alone, so a model that finds the broad genre but not the sub-genre scores high on "
+        "level 1 and low below it. Against `genres` targets, a track counts as a positive only for the genres it "
+        "was tagged with (a track tagged Metal alone is no Rock positive); against `genres_all`, for those and all "
+        'their ancestors, so every tagged track counts for its top-level genre. "genres tested" counts the genres '
+        "with a positive test track; chance is the prior-only predictor, random ranking the expected AP of random "
+        "scores. Point estimates, without intervals.",
+        "",
+    ]
+    lines += [_scoring_sentence(r) for r in s["runs"]] + [""]
+    for g in s["groups"]:
+        runs = [r for r in s["runs"] if r["name"] in g["runs"] and r.get("levels")]
+        if not runs:
+            lines += [f"{g['split'].capitalize()} split: the model files store no genre tree.", ""]
+            continue
+        lines += [f"### {g['split'].capitalize()} split ({g['n_tracks']} test tracks)", ""]
+        rows = []
+        for k, level in enumerate(runs[0]["levels"]):
+            name = level_name(level["depth"])
+            for j, m in enumerate(SUMMARY):
+                rows.append(
+                    [
+                        name if j == 0 else "",
+                        f"{level['n_genres_ap']} of {level['n_genres']}" if j == 0 else "",
+                        m,
+                        _f(level.get(f"chance_{m}")),
+                        _f(level.get(f"random_{m}")) if f"random_{m}" in level else "-",
+                    ]
+                    + [_f(r["levels"][k][m]) for r in runs]
+                )
+        header = ["level", "genres tested", "metric", "chance", "random ranking"] + [r["name"] for r in runs]
+        lines += _table(header, rows)
+    return lines
 
 
 def _top_level(s: dict) -> list[str]:
@@ -243,7 +299,7 @@ def render(s: dict) -> str:
             "inflates them.",
             "",
         ]
-    lines += _top_level(s) + _crops(s)
+    lines += _levels(s) + _top_level(s) + _crops(s)
     lines += ["## Per-genre results", ""]
     for g in s["groups"]:
         lines += _per_genre(g)

@@ -57,6 +57,7 @@ class ServeConfig:
     api_key: str | None = None  # when set, /v1/* needs it (X-API-Key or Authorization: Bearer)
     timeout: float = CLIP_TIMEOUT  # seconds a decoder may go without a window before it counts as hung
     max_queue: int = 256  # uploads waiting for a decoder; more get 503
+    consistent: bool = False  # hierarchy-consistent probabilities (Tagger's consistent), for a model given by path
 
 
 @dataclass
@@ -341,6 +342,7 @@ def model_record(tagger: Tagger) -> dict:
         "genres": len(f.genres),
         "has_thresholds": f.thresholds is not None,
         "has_genre_tree": bool(f.genre_parents),
+        "consistent": tagger.consistent,
         "signal": f.signal.to_dict(),
         "provenance": f.provenance,
         "timeline_step": TIMELINE_STEP,
@@ -480,7 +482,7 @@ def create_app(
     from python_multipart.multipart import parse_options_header
     from starlette.exceptions import HTTPException
 
-    tagger = model if isinstance(model, Tagger) else Tagger.load(model)
+    tagger = model if isinstance(model, Tagger) else Tagger.load(model, consistent=config.consistent)
     limit = int(config.max_upload_mb * 1e6)
     engine = Engine(tagger, config.workers, config.timeout, config.max_queue, work)
 
