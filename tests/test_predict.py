@@ -100,6 +100,23 @@ def test_cli_predict_shows_the_decoders_words_only_with_verbose(model_path, tmp_
     assert "Illegal Audio-MPEG-Header" in said  # libmpg123's note, captured from descriptor 2
 
 
+def test_cli_predict_into_a_pipe_closed_early_stops_quietly(model_path, tmp_path):
+    # As `genreclf predict MODEL FOLDER | head -1`: the reader leaves; no traceback, no error line.
+    folder = tmp_path / "music"
+    folder.mkdir()
+    for i in range(6):
+        (folder / f"{i}.mp3").write_bytes(REAL_MP3.read_bytes())
+    env = {**os.environ, "PYTHONPATH": str(Path(genreclf.__file__).parents[1])}
+    command = [sys.executable, "-m", "genreclf", "predict", str(model_path), str(folder), "--format", "json"]
+    command += ["--threshold", "0.5", "-q"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    assert json.loads(proc.stdout.readline())["file"].endswith(".mp3")
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141
+    assert err == ""
+
+
 class Probe(torch.nn.Module):
     """A stand-in tagger whose logits say what it was shown: the first and last frame's value, and the length."""
 

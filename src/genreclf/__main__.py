@@ -1,3 +1,3 @@
-from genreclf.cli import main
+from genreclf.cli import run
 
-raise SystemExit(main())
+run()
