@@ -267,6 +267,11 @@ def _check_settings(run_dir: Path, settings: dict, resume: bool, write: bool = T
         atomic_write_text(path, json.dumps(settings, indent=1, default=str))
 
 
+def check_started_with(run_dir: str | Path, store_path: str | Path, fit: FitConfig, optim: TrainConfig) -> None:
+    """Raise GenreclfError unless run_dir was started with these settings on this store (as --resume checks)."""
+    _check_settings(Path(run_dir), _settings(FeatureStore.open(store_path), fit, optim), resume=True, write=False)
+
+
 def _trainer(run_dir: Path, fit: FitConfig, progress: bool, extra: Sequence[Callback] = ()) -> L.Trainer:
     """Return a run's Lightning trainer: best and last checkpoints, EpochLog, a bar on a terminal only."""
     loggers: list = []
