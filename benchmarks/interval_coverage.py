@@ -1,7 +1,7 @@
 """How honest are the report's intervals? Coverage of the population value, simulated.
 
     python benchmarks/interval_coverage.py [--sizes 30 100 1000] [--sims 100] [--boot 400]
-    python benchmarks/interval_coverage.py --mode seeds [--seeds 3 5] [--sizes 30 100] [--sims 300] [--boot 400]
+    python benchmarks/interval_coverage.py --mode seeds [--seeds 3 5] [--sizes 30 100] [--sims 200] [--boot 400]
 
 A synthetic population of 200,000 tracks over 20 genres (prevalence 3%-35%, a noisy
 scorer) has a known "population" value of every metric. From it, --sims test sets of
@@ -178,7 +178,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", choices=["tracks", "seeds"], default="tracks", help="which intervals to check")
     parser.add_argument("--sizes", type=int, nargs="+", help="test-set sizes (default 30 100 1000; seeds: 30 100)")
-    parser.add_argument("--sims", type=int, help="test sets (experiments) per row (default 100; seeds: 300)")
+    parser.add_argument("--sims", type=int, help="test sets (experiments) per row (default 100; seeds: 200)")
     parser.add_argument("--boot", type=int, default=400, help="bootstrap resamples per test set (default 400)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[3, 5], help="seeds mode: runs per model")
     parser.add_argument("--gap", type=float, default=0.15, help="seeds mode: model A's extra logit separation")
@@ -192,7 +192,7 @@ def main() -> None:
         args.sizes, args.sims = args.sizes or [30, 100, 1000], args.sims or 100
         tracks_coverage(args)
     else:
-        args.sizes, args.sims = args.sizes or [30, 100], args.sims or 300
+        args.sizes, args.sims = args.sizes or [30, 100], args.sims or 200
         seeds_coverage(args)
 
 

@@ -164,7 +164,7 @@ def _method(s: dict) -> list[str]:
         "of freedom, and t is 4.3, not 1.96: three values say little about their own spread, which a bootstrap "
         "over seeds cannot see. Simulated (`benchmarks/interval_coverage.py --mode seeds`), this interval "
         "covered the population difference 93-97% of the time with 3 or 5 seeds on 30 or 100 tracks; the "
-        "two-stage bootstrap 83-95%, and the intervals over tracks alone 35-67%.",
+        "two-stage bootstrap 85-96%, and the intervals over tracks alone 40-69%.",
         "",
     ]
     if s["n_tracks"] < SMALL_TEST_SET:

@@ -18,7 +18,7 @@ freedom (the track part, from many tracks, counts as known), clipped to the metr
 3 seeds cannot see that 3 values say little about their spread. A difference adds the two models'
 seed parts and takes the track part of the paired difference of the means. The seed part holds
 the seeds' own track errors too, which the track part counts again: the interval errs on the wide
-side (measured: it covers 93-98% where 95% is asked).
+side (simulated: it covered 93-97% where 95% was asked).
 
 The two-stage bootstrap (resample seeds within each model and tracks together, average the
 resampled seeds) is computed too, as is each single run's track-only BCa interval, for contrast.
