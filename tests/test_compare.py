@@ -156,7 +156,7 @@ def test_bad_api_arguments_and_unknown_models(store_dir, tmp_path, capsys):
     for kwargs, message in (
         ({"models": ["gru", "cnn"]}, "unknown model 'cnn'; use one of gru, transformer"),
         ({"models": []}, "at least one model"),
-        ({"n_boot": 0}, "at least 1"),
+        ({"n_boot": 1}, "at least 2"),
         ({"fit": FitConfig(split="reference")}, "official split only"),
     ):
         with pytest.raises(GenreclfError, match=message):

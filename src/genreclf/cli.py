@@ -1206,7 +1206,7 @@ def _add_compare(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--n-boot",
-        type=_positive_int,
+        type=_int_at_least(2),
         default=_default(compare_models, "n_boot"),
         help="bootstrap resamples of the test tracks",
     )

@@ -64,7 +64,7 @@ def run_name(model: str, seed: int) -> str:
     return f"{model}-seed{seed}"
 
 
-def check_arguments(models: Sequence[str], seeds: int, fit: FitConfig, n_boot: int) -> None:
+def _check_arguments(models: Sequence[str], seeds: int, fit: FitConfig, n_boot: int) -> None:
     """Raise GenreclfError for models, seeds, split or resamples that compare cannot use."""
     if not models:
         raise GenreclfError(f"give at least one model ({', '.join(MODELS)})")
@@ -78,8 +78,8 @@ def check_arguments(models: Sequence[str], seeds: int, fit: FitConfig, n_boot: i
             f"{seeds} seed(s) per model: a standard deviation across seeds needs at least {MIN_SEEDS}; "
             "for one run of each model use `genreclf train` and `genreclf report`"
         )
-    if n_boot < 1:
-        raise GenreclfError(f"the number of bootstrap resamples must be at least 1, got {n_boot}")
+    if n_boot < 2:
+        raise GenreclfError(f"the number of bootstrap resamples must be at least 2 (for a variance), got {n_boot}")
     if fit.split != SPLIT:
         raise GenreclfError(
             f"compare trains on the {SPLIT} split only: the {fit.split} split draws other test tracks with "
@@ -114,7 +114,7 @@ def compare_models(
     `fit` and `optim` are every run's settings; fit.model and fit.seed are set per run.
     """
     models = list(models)
-    check_arguments(models, seeds, fit, n_boot)
+    _check_arguments(models, seeds, fit, n_boot)
     store, out = Path(store), Path(out)
     FeatureStore.open(store)  # a missing or unfinished store fails before any training
     plan = [(model, seed) for model in models for seed in range(seeds)]
