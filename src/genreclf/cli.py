@@ -1184,7 +1184,7 @@ def _add_compare(p: argparse.ArgumentParser) -> None:
     p.description = (
         "Train seeds 0 .. SEEDS-1 of every model as ordinary run folders (OUT/runs/MODEL-seedK), evaluate all on "
         "the same test tracks of the official split, and write OUT/compare.md, compare.json and compare.png: per "
-        "model the mean and standard deviation over seeds with a 95%% interval that covers both the seeds and the "
+        "model the mean and standard deviation over seeds with a 95% interval that covers both the seeds and the "
         "test tracks, each seed's value with its track-only interval, and for each pair of models the difference "
         "with such an interval and a verdict. Run again, it continues where it stopped: finished runs are not "
         "retrained, an unfinished one resumes from its last checkpoint."
