@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 # Pinned versions of everything installed (see the file's header; `make constraints` refreshes it).
 CONSTRAINTS ?= constraints.txt
 
-.PHONY: all setup test lint chromium demo demo-pretraining constraints clean
+.PHONY: all setup test lint chromium demo demo-pretraining compare-demo constraints clean
 
 all: test
 
@@ -42,6 +42,10 @@ demo: setup
 # The demo, then pretraining with each masking + fine-tuning, against the Transformer from scratch.
 demo-pretraining: setup
 	$(VENV)/bin/genreclf demo --out demo_out --pretraining
+
+# The demo, then 3 training seeds of each model compared over seeds and test tracks (`genreclf compare`).
+compare-demo: setup
+	$(VENV)/bin/genreclf demo --out demo_out --compare
 
 # Newest releases that pyproject.toml allows, in a throw-away venv, frozen into constraints.txt.
 constraints:

@@ -172,11 +172,11 @@ def _fit_config(args: argparse.Namespace, model: str):
     )
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _train_config(args: argparse.Namespace) -> Any:
+    """The TrainConfig (optimiser and loss) of train's and compare's options."""
     from genreclf.config import TrainConfig
-    from genreclf.train import train
 
-    optim = TrainConfig(
+    return TrainConfig(
         lr=args.lr,
         weight_decay=args.weight_decay,
         plateau_patience=args.plateau_patience,
@@ -188,6 +188,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         asl_gamma_neg=args.asl_gamma_neg,
         asl_clip=args.asl_clip,
     )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from genreclf.train import train
+
+    optim = _train_config(args)
     result = train(
         args.store, args.out, _fit_config(args, args.model), optim, resume=args.resume, progress=not args.quiet
     )
@@ -596,6 +602,33 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from genreclf.compare import compare_models
+    from genreclf.compare_report import format_text
+    from genreclf.config import FitConfig
+
+    fit = FitConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        min_crop=args.min_crop,
+        max_crop=args.max_crop,
+        val_crop=args.max_crop,
+        workers=args.workers,
+        early_stopping=args.early_stopping,
+        accelerator=args.accelerator,
+    )
+    optim = _train_config(args)
+    result = compare_models(
+        args.store, args.out, args.models, args.seeds, fit, optim, n_boot=args.n_boot, progress=not args.quiet
+    )
+    print(format_text(result.summary))
+    print(
+        f"report written to {result.markdown} (with {result.json.name} and {result.figure.name}); "
+        f"{len(result.trained)} run(s) trained this time, all runs in {Path(args.out) / 'runs'}"
+    )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from genreclf.demo import run_demo
 
@@ -604,6 +637,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from genreclf.demo_pretrain import run_pretraining_demo
 
         run_pretraining_demo(args.out, epochs=args.epochs, progress=not args.quiet)
+    if args.compare:
+        from genreclf.demo_compare import run_compare_demo
+
+        run_compare_demo(args.out, epochs=args.epochs, progress=not args.quiet)
     return 0
 
 
@@ -819,24 +856,10 @@ def _add_featurize(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_featurize)
 
 
-def _add_train(p: argparse.ArgumentParser) -> None:
-    from genreclf.config import LOSSES, FitConfig, TrainConfig
+def _add_loss(p: argparse.ArgumentParser) -> None:
+    """Add --loss and the parameters of each loss (train, compare)."""
+    from genreclf.config import LOSSES, TrainConfig
 
-    p.description = (
-        "Train on the store's training split with random 128-256-frame crops and a loss (--loss: by default "
-        "the reference's positively weighted binary cross-entropy); the epoch with the lowest validation loss "
-        "becomes OUT/model.safetensors, which records the loss. Progress, losses per epoch (OUT/logs/metrics.csv) "
-        "and an ETA are shown; an interrupted run continues with --resume (with the same loss). A parameter of "
-        "another loss than --loss is refused. val_loss is on the scale of the loss chosen: compare runs of "
-        "different losses with `genreclf evaluate`, not by val_loss."
-    )
-    p.add_argument("--model", choices=["gru", "transformer"], required=True, help="architecture")
-    p.add_argument(
-        "--lr",
-        type=_positive_float,
-        default=_default(TrainConfig, "lr"),
-        help="Adam learning rate, as in the reference",
-    )
     p.add_argument(
         "--loss",
         choices=LOSSES,
@@ -886,6 +909,27 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         default=_default(TrainConfig, "asl_clip"),
         help="asymmetric: probability margin in [0, 1) taken off negatives (p_m = max(p - clip, 0))",
     )
+
+
+def _add_train(p: argparse.ArgumentParser) -> None:
+    from genreclf.config import FitConfig, TrainConfig
+
+    p.description = (
+        "Train on the store's training split with random 128-256-frame crops and a loss (--loss: by default "
+        "the reference's positively weighted binary cross-entropy); the epoch with the lowest validation loss "
+        "becomes OUT/model.safetensors, which records the loss. Progress, losses per epoch (OUT/logs/metrics.csv) "
+        "and an ETA are shown; an interrupted run continues with --resume (with the same loss). A parameter of "
+        "another loss than --loss is refused. val_loss is on the scale of the loss chosen: compare runs of "
+        "different losses with `genreclf evaluate`, not by val_loss."
+    )
+    p.add_argument("--model", choices=["gru", "transformer"], required=True, help="architecture")
+    p.add_argument(
+        "--lr",
+        type=_positive_float,
+        default=_default(TrainConfig, "lr"),
+        help="Adam learning rate, as in the reference",
+    )
+    _add_loss(p)
     p.add_argument("--weight-decay", type=float, default=_default(TrainConfig, "weight_decay"), help="Adam L2 penalty")
     p.add_argument(
         "--pretrained",
@@ -1261,6 +1305,78 @@ def _add_report(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_report)
 
 
+def _add_compare(p: argparse.ArgumentParser) -> None:
+    from genreclf.compare import compare_models
+    from genreclf.config import FitConfig, TrainConfig
+    from genreclf.train import MODELS
+
+    p.description = (
+        "Train seeds 0 .. SEEDS-1 of every model as ordinary run folders (OUT/runs/MODEL-seedK), evaluate all on "
+        "the same test tracks of the official split, and write OUT/compare.md, compare.json and compare.png: per "
+        "model the mean and standard deviation over seeds with a 95% interval that covers both the seeds and the "
+        "test tracks, each seed's value with its track-only interval, and for each pair of models the difference "
+        "with such an interval and a verdict. Run again, it continues where it stopped: finished runs are not "
+        "retrained, an unfinished one resumes from its last checkpoint."
+    )
+    p.add_argument("--store", type=Path, required=True, help="feature store from `genreclf featurize`")
+    p.add_argument("--out", type=Path, required=True, help="folder for the runs and the report (or to continue)")
+    p.add_argument(
+        "--models",
+        nargs="+",
+        choices=list(MODELS),
+        default=list(_default(compare_models, "models")),
+        help="models to compare",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=_default(compare_models, "seeds"),
+        help="training seeds per model (at least 2: a standard deviation needs two)",
+    )
+    p.add_argument(
+        "--n-boot",
+        type=_int_at_least(2),
+        default=_default(compare_models, "n_boot"),
+        help="bootstrap resamples of the test tracks",
+    )
+    p.add_argument("--epochs", type=_positive_int, default=_default(FitConfig, "epochs"), help="maximum epochs")
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=_default(FitConfig, "batch_size"), help="tracks per batch"
+    )
+    p.add_argument("--lr", type=_positive_float, default=_default(TrainConfig, "lr"), help="Adam learning rate")
+    _add_loss(p)
+    p.add_argument("--weight-decay", type=float, default=_default(TrainConfig, "weight_decay"), help="Adam L2 penalty")
+    p.add_argument(
+        "--min-crop", type=_positive_int, default=_default(FitConfig, "min_crop"), help="shortest random crop, frames"
+    )
+    p.add_argument(
+        "--max-crop",
+        type=_positive_int,
+        default=_default(FitConfig, "max_crop"),
+        help="longest random crop, frames (also the validation crop)",
+    )
+    p.add_argument(
+        "--early-stopping",
+        type=_count,
+        default=_default(FitConfig, "early_stopping"),
+        metavar="EPOCHS",
+        help="stop after this many epochs without a better validation loss (0: never)",
+    )
+    p.add_argument(
+        "--plateau-patience",
+        type=_positive_int,
+        default=_default(TrainConfig, "plateau_patience"),
+        help="epochs without improvement before the learning rate is divided by 10",
+    )
+    p.add_argument(
+        "--workers", type=_count, default=_default(FitConfig, "workers"), help="data loader processes (0: none)"
+    )
+    p.add_argument(
+        "--accelerator", default=_default(FitConfig, "accelerator"), help="Lightning accelerator: auto, cpu, gpu"
+    )
+    p.set_defaults(func=cmd_compare)
+
+
 def _add_demo(p: argparse.ArgumentParser) -> None:
     from genreclf.demo import run_demo
 
@@ -1281,6 +1397,11 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="then pretrain the Transformer's encoder with each masking (span, reference), fine-tune from each and "
         "compare with the Transformer from scratch on the test split",
+    )
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="then train 3 seeds of each model and compare them over seeds and test tracks (`genreclf compare`)",
     )
     p.set_defaults(func=cmd_demo)
 
@@ -1338,6 +1459,7 @@ COMMANDS: tuple[tuple[str, str, Callable[[argparse.ArgumentParser], None]], ...]
     ("predict", "print the top genres of audio files and the genres chosen", _add_predict),
     ("tag", "write chosen genres into the files' own tags (dry run unless --write)", _add_tag),
     ("report", "compare trained runs: metrics with confidence intervals, figures", _add_report),
+    ("compare", "train several seeds of each model and compare them over seeds and test tracks", _add_compare),
     ("demo", "the whole pipeline on a generated corpus, in a few minutes", _add_demo),
     ("serve", "an HTTP API and web page that tag uploaded audio", _add_serve),
 )

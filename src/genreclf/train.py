@@ -173,7 +173,7 @@ def _prepare(
     with _quiet_lightning():
         trainer = _trainer(run_dir, fit, progress, callbacks)  # knows this process's rank and the world size
     rank, world = trainer.global_rank, trainer.world_size
-    defaults = {"optimiser": dataclasses.asdict(type(optim)())}
+    defaults = _setting_defaults(optim)
     _check_settings(run_dir, _settings(store, fit, optim), resume, write=trainer.is_global_zero, defaults=defaults)
     L.seed_everything(fit.seed, workers=True, verbose=False)
     train_pos = split_positions(store, "training", fit.split, fit.seed)
@@ -244,6 +244,11 @@ def _settings(store: FeatureStore, fit: FitConfig, optim: TrainConfig | Pretrain
     return json.loads(json.dumps(settings, default=str))  # as it reads back from settings.json (tuples -> lists)
 
 
+def _setting_defaults(optim: TrainConfig | PretrainConfig) -> dict:
+    """The defaults of the dict-valued settings, for runs started before some of their fields existed."""
+    return {"optimiser": dataclasses.asdict(type(optim)())}
+
+
 def _check_settings(
     run_dir: Path, settings: dict, resume: bool, write: bool = True, defaults: dict | None = None
 ) -> None:
@@ -287,6 +292,12 @@ def _changed(started: dict, now: dict, prefix: str = "") -> dict[str, tuple]:
         elif was != new:
             changed[f"{prefix}{k}"] = (was, new)
     return changed
+
+
+def check_started_with(run_dir: str | Path, store_path: str | Path, fit: FitConfig, optim: TrainConfig) -> None:
+    """Raise GenreclfError unless run_dir was started with these settings on this store (as --resume checks)."""
+    settings, defaults = _settings(FeatureStore.open(store_path), fit, optim), _setting_defaults(optim)
+    _check_settings(Path(run_dir), settings, resume=True, write=False, defaults=defaults)
 
 
 def _trainer(run_dir: Path, fit: FitConfig, progress: bool, extra: Sequence[Callback] = ()) -> L.Trainer:
