@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 DATA = Path(__file__).parent / "data"
 REAL_MP3 = DATA / "fma_kevin_macleod_danse_macabre_finale.mp3"  # real FMA track: 21.55 s, 44.1 kHz stereo, ID3 + cover
@@ -67,3 +68,12 @@ def store_dir(corpus, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("store") / "store"
     featurize(corpus, out, workers=2, progress=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a test module: on a loaded 2-core machine, 2 threads make GRU inference 100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

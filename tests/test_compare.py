@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from scipy.stats import t as student_t
 
 from genreclf.cli import build_parser, main
@@ -31,13 +30,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "interval_coverage.py"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a loaded 2-core machine, 2 threads make GRU inference 100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from genreclf.cli import main
 from genreclf.config import FitConfig, TrainConfig
@@ -25,13 +24,7 @@ from genreclf.train import train
 PART = "training"  # ~23 tracks where the test part has 3: the numbers are checked, not the model's skill
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a loaded 2-core machine, 2 threads make GRU inference 100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
