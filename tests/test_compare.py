@@ -27,6 +27,7 @@ OPTIM = TrainConfig(lr=1e-3)
 N_BOOT = 100
 RUNS = [run_name(m, k) for m in ("gru", "transformer") for k in (0, 1)]
 PNG = b"\x89PNG\r\n\x1a\n"
+FOCAL = {"loss": "focal", "focal_gamma": 2.0, "focal_alpha": 0.25}
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "interval_coverage.py"
 
 
@@ -128,6 +129,34 @@ def test_runs_trained_otherwise_are_refused(compared, store_dir):
     with pytest.raises(GenreclfError, match="was started with optimiser"):
         compare_models(store_dir, out, seeds=2, fit=FIT, optim=TrainConfig(lr=2e-3), progress=False)
     assert model.stat().st_mtime_ns == before
+
+
+def test_losses_are_compared_as_variants_of_each_model(store_dir, tmp_path, capsys):
+    out = tmp_path / "losses"
+    args = ["--epochs", "1", "--batch-size", "8", "--lr", "1e-3", "--workers", "0", "--accelerator", "cpu"]
+    command = ["-q", "compare", "--store", str(store_dir), "--out", str(out), "--seeds", "2", "--n-boot", "20"]
+    command += ["--models", "gru", "--losses", "bce", "focal", "--focal-gamma", "1", *args]
+    assert main(command) == 0
+    summary = json.loads((out / "compare.json").read_text())
+    assert summary["models"] == ["gru-bce", "gru-focal"]
+    assert summary["losses"] == {"bce": {"loss": "bce", "pos_weight": 4.0}, "focal": {**FOCAL, "focal_gamma": 1.0}}
+    recorded = {r["name"]: r["loss"] for r in summary["runs"]}
+    assert recorded == {
+        "gru-bce-seed0": "bce",
+        "gru-bce-seed1": "bce",
+        "gru-focal-seed0": "focal",
+        "gru-focal-seed1": "focal",
+    }
+    assert ModelFile.load(out / "runs" / "gru-focal-seed1" / "model.safetensors").loss == {**FOCAL, "focal_gamma": 1.0}
+    pair = summary["metrics"]["ap_weighted"]["pairs"][0]
+    assert {pair["a"], pair["b"]} == {"gru-bce", "gru-focal"}
+    assert "| gru | focal | 1 |" in (out / "compare.md").read_text()
+    capsys.readouterr()
+    # A parameter of a loss not compared would do nothing: refused, as train refuses it.
+    assert main([*command, "--asl-clip", "0.1"]) == 2
+    assert "--asl-clip is a parameter of loss 'asymmetric', which --losses does not compare" in capsys.readouterr().err
+    with pytest.raises(GenreclfError, match="a loss is given twice"):
+        compare_models(store_dir, out, models=["gru"], seeds=2, optim=[OPTIM, OPTIM], progress=False)
 
 
 @pytest.mark.parametrize(

@@ -172,22 +172,37 @@ def _fit_config(args: argparse.Namespace, model: str):
     )
 
 
-def _train_config(args: argparse.Namespace) -> Any:
-    """The TrainConfig (optimiser and loss) of train's and compare's options."""
-    from genreclf.config import TrainConfig
+def _train_config(args: argparse.Namespace, loss: str | None = None) -> Any:
+    """The TrainConfig (optimiser and loss) of train's and compare's options.
 
+    With `loss` (compare --losses): that loss, with its own parameters from the options, the others' left at
+    their defaults; without: --loss, and a parameter given for another loss is refused.
+    """
+    from genreclf.config import LOSS_PARAMETERS, TrainConfig
+
+    given = LOSS_PARAMETERS[loss] if loss else [name for names in LOSS_PARAMETERS.values() for name in names]
     return TrainConfig(
         lr=args.lr,
         weight_decay=args.weight_decay,
         plateau_patience=args.plateau_patience,
-        loss=args.loss,
-        pos_weight=args.pos_weight,
-        focal_gamma=args.focal_gamma,
-        focal_alpha=args.focal_alpha,
-        asl_gamma_pos=args.asl_gamma_pos,
-        asl_gamma_neg=args.asl_gamma_neg,
-        asl_clip=args.asl_clip,
+        loss=loss or args.loss,
+        **{name: getattr(args, name) for name in given},
     )
+
+
+def _compare_configs(args: argparse.Namespace) -> Any:
+    """compare's TrainConfig, or one per loss of --losses (a parameter of a loss not compared is refused)."""
+    from genreclf.config import LOSS_PARAMETERS, TrainConfig
+
+    if not args.losses:
+        return _train_config(args)
+    for loss, names in LOSS_PARAMETERS.items():
+        for name in names:
+            if loss not in args.losses and getattr(args, name) != _default(TrainConfig, name):
+                raise GenreclfError(
+                    f"--{name.replace('_', '-')} is a parameter of loss {loss!r}, which --losses does not compare"
+                )
+    return [_train_config(args, loss) for loss in args.losses]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -617,7 +632,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         early_stopping=args.early_stopping,
         accelerator=args.accelerator,
     )
-    optim = _train_config(args)
+    optim = _compare_configs(args)
     result = compare_models(
         args.store, args.out, args.models, args.seeds, fit, optim, n_boot=args.n_boot, progress=not args.quiet
     )
@@ -1307,7 +1322,7 @@ def _add_report(p: argparse.ArgumentParser) -> None:
 
 def _add_compare(p: argparse.ArgumentParser) -> None:
     from genreclf.compare import compare_models
-    from genreclf.config import FitConfig, TrainConfig
+    from genreclf.config import LOSSES, FitConfig, TrainConfig
     from genreclf.train import MODELS
 
     p.description = (
@@ -1345,6 +1360,14 @@ def _add_compare(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--lr", type=_positive_float, default=_default(TrainConfig, "lr"), help="Adam learning rate")
     _add_loss(p)
+    p.add_argument(
+        "--losses",
+        nargs="+",
+        choices=LOSSES,
+        default=None,
+        help="compare these losses too: every (model, loss), named MODEL-LOSS (runs MODEL-LOSS-seedK), each loss "
+        "with its own parameters from the options below (instead of --loss)",
+    )
     p.add_argument("--weight-decay", type=float, default=_default(TrainConfig, "weight_decay"), help="Adam L2 penalty")
     p.add_argument(
         "--min-crop", type=_positive_int, default=_default(FitConfig, "min_crop"), help="shortest random crop, frames"

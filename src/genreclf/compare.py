@@ -60,8 +60,23 @@ class CompareResult:
 
 
 def run_name(model: str, seed: int) -> str:
-    """Return the run folder's name of one (model, seed)."""
+    """Return the run folder's name of one (model, seed); `model` may be a variant's name, as "gru-focal"."""
     return f"{model}-seed{seed}"
+
+
+def variants(models: Sequence[str], optims: Sequence[TrainConfig]) -> list[tuple[str, str, TrainConfig]]:
+    """Return (name, model, settings) of everything compared: each model, or each (model, loss) for several losses.
+
+    One TrainConfig: the models are named as they are ("gru"); several (one per loss): "gru-focal" and so on.
+    """
+    losses = [o.loss for o in optims]
+    if not optims:
+        raise GenreclfError("give the training settings of at least one loss")
+    if len(set(losses)) < len(losses):
+        raise GenreclfError(f"a loss is given twice ({', '.join(losses)}); give each loss once")
+    if len(optims) == 1:
+        return [(model, model, optims[0]) for model in models]
+    return [(f"{model}-{o.loss}", model, o) for model in models for o in optims]
 
 
 def _check_arguments(models: Sequence[str], seeds: int, fit: FitConfig, n_boot: int) -> None:
@@ -105,38 +120,40 @@ def compare_models(
     models: Sequence[str] = ("gru", "transformer"),
     seeds: int = 5,
     fit: FitConfig = FitConfig(),
-    optim: TrainConfig = TrainConfig(),
+    optim: TrainConfig | Sequence[TrainConfig] = TrainConfig(),
     n_boot: int = 1000,
     progress: bool = True,
 ) -> CompareResult:
     """Train (or resume) seeds 0 .. seeds - 1 of each model, evaluate all on the same test tracks; write the report.
 
-    `fit` and `optim` are every run's settings; fit.model and fit.seed are set per run.
+    `fit` and `optim` are every run's settings; fit.model and fit.seed are set per run. Several `optim`
+    (one per loss) compare every (model, loss), named "gru-focal" and so on (see `variants`).
     """
     models = list(models)
     _check_arguments(models, seeds, fit, n_boot)
+    compared = variants(models, [optim] if isinstance(optim, TrainConfig) else list(optim))
     store, out = Path(store), Path(out)
     FeatureStore.open(store)  # a missing or unfinished store fails before any training
-    plan = [(model, seed) for model in models for seed in range(seeds)]
+    plan = [(variant, seed) for variant in compared for seed in range(seeds)]
     runs: dict[str, Run] = {}
     trained, seconds, stores = [], {}, {}
     t0 = time.perf_counter()
-    for i, (model, seed) in enumerate(plan, 1):
-        name = run_name(model, seed)
+    for i, ((label, model, settings), seed) in enumerate(plan, 1):
+        name = run_name(label, seed)
         run_dir = out / "runs" / name
         run_fit = dataclasses.replace(fit, model=model, seed=seed)
         if (run_dir / "model.safetensors").is_file():
-            _check_finished(run_dir, store, run_fit, optim)
+            _check_finished(run_dir, store, run_fit, settings)
             log.info("compare: %d of %d: %s is trained already", i, len(plan), name)
         else:
             resume = (run_dir / "checkpoints" / "last.ckpt").is_file()
             log.info("compare: %d of %d: %s %s", i, len(plan), "resuming" if resume else "training", name)
-            seconds[name] = train(store, run_dir, run_fit, optim, resume=resume, progress=progress).seconds
+            seconds[name] = train(store, run_dir, run_fit, settings, resume=resume, progress=progress).seconds
             trained.append(name)
         runs[name] = load_run(run_dir, store, SPLIT, progress, stores)  # evaluates it unless done
     group_runs(list(runs.values()))  # the same tracks and labels, as one store and split promise
     log.info("compare: %d track resamples of %d runs for %d metrics", n_boot, len(runs), len(SUMMARY))
-    summary = _summary(store, out, models, seeds, fit, optim, n_boot, runs)
+    summary = _summary(store, out, compared, seeds, fit, n_boot, runs)
     summary["seconds"] = {"trained_this_call": seconds, "this_call": time.perf_counter() - t0}
     summary = _clean(summary)
     out.mkdir(parents=True, exist_ok=True)
@@ -150,16 +167,16 @@ def compare_models(
 def _summary(
     store: Path,
     out: Path,
-    models: list[str],
+    compared: list[tuple[str, str, TrainConfig]],
     seeds: int,
     fit: FitConfig,
-    optim: TrainConfig,
     n_boot: int,
     runs: dict[str, Run],
 ) -> dict:
     """Return compare.json's content: settings, runs, and per metric the models' and pairs' numbers."""
     first = next(iter(runs.values()))
     y_true = first.predictions["y_true"]
+    models = [label for label, _, _ in compared]
     scores = {m: [runs[run_name(m, k)].predictions["scores"] for k in range(seeds)] for m in models}
     metrics = {}
     for metric in SUMMARY:
@@ -180,10 +197,18 @@ def _summary(
         "n_boot": n_boot,
         "alpha": ALPHA,
         "fit": settings,
-        "train_config": dataclasses.asdict(optim),
+        # The settings of every run; with several losses, those they share, each loss's own in "losses".
+        "train_config": _shared_settings([o for _, _, o in compared]),
+        "losses": {o.loss: o.loss_record() for _, _, o in compared},
         "runs": [_run_record(name, run, out) for name, run in runs.items()],
         "metrics": metrics,
     }
+
+
+def _shared_settings(optims: list[TrainConfig]) -> dict:
+    """The TrainConfig fields with one value in all of `optims` (all of them when there is one)."""
+    records = [dataclasses.asdict(o) for o in optims]
+    return {k: v for k, v in records[0].items() if all(r[k] == v for r in records)}
 
 
 def _run_record(name: str, run: Run, out: Path) -> dict:
@@ -191,6 +216,7 @@ def _run_record(name: str, run: Run, out: Path) -> dict:
     return {
         "name": name,
         "model": prov.get("fit", {}).get("model"),
+        "loss": (prov.get("train_config") or {}).get("loss"),
         "seed": prov.get("fit", {}).get("seed"),
         "run_dir": str(run.run_dir.relative_to(out)),
         "epochs": prov.get("epochs"),

@@ -184,6 +184,7 @@ def _runs(s: dict) -> list[str]:
         [
             f"`{r['run_dir']}`",
             r["model"],
+            r.get("loss") or "bce",
             r["seed"],
             r["epochs"],
             _f(r["best_val_loss"]),
@@ -193,11 +194,12 @@ def _runs(s: dict) -> list[str]:
         for r in s["runs"]
     ]
     lines += _table(
-        ["run", "model", "seed", "epochs", "best val_loss", "training time (s)", "top-level accuracy"], rows
+        ["run", "model", "loss", "seed", "epochs", "best val_loss", "training time (s)", "top-level accuracy"], rows
     )
     fit = ", ".join(f"{k} {v}" for k, v in s["fit"].items() if v is not None)
     optim = ", ".join(f"{k} {v}" for k, v in s["train_config"].items())
-    return lines + [f"Training settings of every run: {fit}; {optim}.", ""]
+    losses = "; ".join(", ".join(f"{k} {v}" for k, v in record.items()) for record in s.get("losses", {}).values())
+    return lines + [f"Training settings of every run: {fit}; {optim}. Losses: {losses}.", ""]
 
 
 def render(s: dict) -> str:
