@@ -13,7 +13,7 @@ import soundfile as sf
 
 from genreclf.errors import GenreclfError
 from genreclf.metadata import audio_path, load_fma, load_genres
-from genreclf.synth import SYNTH_GENRES, ClipSpec, make_corpus, render, synth_metadata
+from genreclf.synth import SYNTH_GENRES, ClipSpec, make_corpus, palette_of, render, synth_metadata
 
 DATA = Path(__file__).parent / "data"
 N_TRACKS, SECONDS = 12, 2.0
@@ -174,3 +174,32 @@ def test_bad_requests(tmp_path: Path):
         make_corpus(tmp_path, 2, seconds=1.0, channels=6)
     with pytest.raises(GenreclfError, match="rates"):
         make_corpus(tmp_path, 2, seconds=1.0, sample_rate=44000)
+
+
+def _genre_shares(table: pd.DataFrame) -> np.ndarray:
+    """Each used genre's share of the tracks (as its `genres` column lists it), largest first."""
+    counts: dict[int, int] = {}
+    for value in table[("track", "genres")]:
+        for genre in ast.literal_eval(value) if isinstance(value, str) else value:
+            counts[genre] = counts.get(genre, 0) + 1
+    return np.sort(np.array(list(counts.values())))[::-1] / len(table)
+
+
+def test_a_long_tailed_corpus_as_fma_is():
+    genres = load_genres()
+    default, _ = synth_metadata(300, 10.0, 0, genres)
+    explicit, _ = synth_metadata(300, 10.0, 0, genres, n_genres=None, zipf=0.6)
+    pd.testing.assert_frame_equal(default, explicit)  # the demo's corpus is unchanged by the options
+    assert len(_genre_shares(default)) == len(SYNTH_GENRES)
+    shares = _genre_shares(synth_metadata(800, 10.0, 0, genres, n_genres=99, zipf=1.0)[0])
+    assert 0.15 < shares[0] < 0.35  # FMA: the top genre on 23% of tracks
+    assert len(shares) > 60 and (shares < 0.01).sum() >= 30  # a long tail of rare genres
+    palette = palette_of(genres, 40)
+    assert list(palette[: len(SYNTH_GENRES)]) == list(SYNTH_GENRES) and len(set(palette.tolist())) == 40
+    roots = set(genres.top_level[genres.columns(np.array(SYNTH_GENRES))].tolist())
+    assert set(genres.top_level[genres.columns(palette)].tolist()) == roots  # the tree stays audible
+    used = synth_metadata(200, 10.0, 0, genres, n_genres=40)[0]
+    ids = {g for v in used[("track", "genres")] for g in ast.literal_eval(v)}
+    assert ids <= set(palette.tolist()) and len(ids) > len(SYNTH_GENRES)
+    with pytest.raises(GenreclfError, match="a corpus can use 1 to 99 genres, not 500"):
+        synth_metadata(10, 10.0, 0, genres, n_genres=500)

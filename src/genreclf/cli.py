@@ -104,7 +104,15 @@ def _step_seconds(text: str) -> float:
 def cmd_synth(args: argparse.Namespace) -> int:
     from genreclf.synth import make_corpus
 
-    out = make_corpus(args.out, args.tracks, seconds=args.seconds, seed=args.seed, workers=args.workers)
+    out = make_corpus(
+        args.out,
+        args.tracks,
+        seconds=args.seconds,
+        seed=args.seed,
+        workers=args.workers,
+        n_genres=args.genres,
+        zipf=args.zipf,
+    )
     print(f"wrote a synthetic FMA-layout corpus of {args.tracks} tracks to {out}")
     return 0
 
@@ -772,6 +780,19 @@ def _add_synth(p: argparse.ArgumentParser) -> None:
         type=_positive_int,
         default=_default(make_corpus, "workers"),
         help="encoder processes (default: all cores)",
+    )
+    p.add_argument(
+        "--genres",
+        type=_positive_int,
+        default=_default(make_corpus, "n_genres"),
+        help="genres to use, most frequent first (default: the 27 the demo uses; up to the genres under their 8 roots)",
+    )
+    p.add_argument(
+        "--zipf",
+        type=float,
+        default=_default(make_corpus, "zipf"),
+        help="genre popularity ~ rank ** -ZIPF (1.2 with --genres 100: a long tail, most genres on under 1%% "
+        "of tracks)",
     )
     p.set_defaults(func=cmd_synth)
 

@@ -67,6 +67,8 @@ SYNTH_GENRES = (
     240,
 )
 ZIPF_EXPONENT = 0.6  # genre popularity ~ rank ** -0.6: imbalanced, yet each genre recurs
+# A long tail (`synth --genres 100 --zipf 1.2`): the top genre on about a quarter of the tracks, most genres on
+# under 1%, as in FMA (whose top genre is on 23% of tracks and 50 genres on under 0.1%).
 SIGNATURE_SEED = 20170401  # genre signatures depend on this and the genre id only, not the corpus seed
 _TABLE = 2048  # samples in one period of a wavetable
 _HARMONICS = np.arange(1, 9)
@@ -450,11 +452,34 @@ def _track(rng: np.random.Generator, mine: list[int], album: dict, genres: Genre
     }
 
 
-def synth_metadata(n_tracks: int, seconds: float, seed: int, genres: Genres) -> tuple[pd.DataFrame, list[ClipSpec]]:
-    """Return an FMA-format tracks table (as pandas reads tracks.csv) and the clip of each track."""
-    rng = np.random.default_rng(seed)
+def palette_of(genres: Genres, n_genres: int | None = None) -> np.ndarray:
+    """Return the genre ids a corpus uses, most frequent first: SYNTH_GENRES (n_genres None), the first
+    n_genres of them, or SYNTH_GENRES and then FMA's other genres under the same roots, by id."""
     palette = np.array(SYNTH_GENRES, dtype=np.int64)
-    weights = np.arange(1, len(palette) + 1) ** -ZIPF_EXPONENT
+    if n_genres is None:
+        return palette
+    roots = set(genres.top_level[genres.columns(palette)].tolist())
+    others = [int(g) for g, root in zip(genres.ids, genres.top_level) if root in roots and g not in SYNTH_GENRES]
+    if not 1 <= n_genres <= len(palette) + len(others):
+        raise GenreclfError(f"a corpus can use 1 to {len(palette) + len(others)} genres, not {n_genres}")
+    return np.array([*palette, *others], dtype=np.int64)[:n_genres]
+
+
+def synth_metadata(
+    n_tracks: int,
+    seconds: float,
+    seed: int,
+    genres: Genres,
+    n_genres: int | None = None,
+    zipf: float = ZIPF_EXPONENT,
+) -> tuple[pd.DataFrame, list[ClipSpec]]:
+    """Return an FMA-format tracks table (as pandas reads tracks.csv) and the clip of each track.
+
+    The genres are palette_of(genres, n_genres), popular ~ rank ** -zipf.
+    """
+    rng = np.random.default_rng(seed)
+    palette = palette_of(genres, n_genres)
+    weights = np.arange(1, len(palette) + 1) ** -zipf
     weights /= weights.sum()
     roots = genres.top_level[genres.columns(palette)]
     title = dict(zip(genres.ids.tolist(), genres.names))
@@ -525,8 +550,13 @@ def make_corpus(
     workers: int | None = None,
     sample_rate: int = SAMPLE_RATE,
     channels: int = CHANNELS,
+    n_genres: int | None = None,
+    zipf: float = ZIPF_EXPONENT,
 ) -> Path:
     """Write a synthetic FMA corpus (fma_metadata/ and fma_large/) under out_dir and return out_dir.
+
+    n_genres and zipf: the genres used and their imbalance (see synth_metadata); by default the 27 of
+    SYNTH_GENRES, mildly imbalanced.
 
     The same seed gives the same files, byte for byte, whatever the number of workers.
     sample_rate and channels trade realism for speed: MP3 encoding dominates the run time.
@@ -544,7 +574,9 @@ def make_corpus(
     metadata_dir, audio_dir = out / "fma_metadata", out / "fma_large"
     metadata_dir.mkdir(parents=True, exist_ok=True)
     genres = load_genres()
-    table, specs = synth_metadata(n_tracks, seconds, seed, genres)
+    if not zipf >= 0:
+        raise GenreclfError(f"the Zipf exponent must be >= 0, got {zipf}")
+    table, specs = synth_metadata(n_tracks, seconds, seed, genres, n_genres, zipf)
     with resources.as_file(resources.files("genreclf") / "assets" / "genres.csv") as packaged:
         shutil.copyfile(packaged, metadata_dir / "genres.csv")
     atomic_write_text(metadata_dir / "tracks.csv", table.to_csv(lineterminator="\n"))
