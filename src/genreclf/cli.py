@@ -1003,12 +1003,11 @@ def _add_pretrain(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_pretrain)
 
 
-def _add_fit(p: argparse.ArgumentParser, optimiser: type) -> None:
-    """Add the arguments train and pretrain share: FitConfig's, and the plateau patience of `optimiser`."""
-    from genreclf.config import SPLITS, FitConfig
+def _add_schedule(p: argparse.ArgumentParser, optimiser: type) -> None:
+    """Add the training options every training command has (train, pretrain, compare): epochs, batches, crops,
+    stopping, the plateau patience of `optimiser`, loader workers and the accelerator."""
+    from genreclf.config import FitConfig
 
-    p.add_argument("--store", type=Path, required=True, help="feature store from `genreclf featurize`")
-    p.add_argument("--out", type=Path, required=True, help="run folder to write")
     p.add_argument("--epochs", type=_positive_int, default=_default(FitConfig, "epochs"), help="maximum epochs")
     p.add_argument(
         "--batch-size",
@@ -1026,13 +1025,6 @@ def _add_fit(p: argparse.ArgumentParser, optimiser: type) -> None:
         help="longest random crop, frames (also the validation crop)",
     )
     p.add_argument(
-        "--split",
-        choices=SPLITS,
-        default=_default(FitConfig, "split"),
-        help="FMA's artist-filtered split (official) or a random split like the reference's "
-        "80/20: 20%% test, 8%% validation, 72%% training",
-    )
-    p.add_argument(
         "--early-stopping",
         type=_count,
         default=_default(FitConfig, "early_stopping"),
@@ -1046,13 +1038,29 @@ def _add_fit(p: argparse.ArgumentParser, optimiser: type) -> None:
         help="epochs without improvement before the learning rate is divided by 10",
     )
     p.add_argument(
-        "--seed", type=int, default=_default(FitConfig, "seed"), help="random seed (weights, crops, reference split)"
-    )
-    p.add_argument(
         "--workers", type=_count, default=_default(FitConfig, "workers"), help="data loader processes (0: none)"
     )
     p.add_argument(
         "--accelerator", default=_default(FitConfig, "accelerator"), help="Lightning accelerator: auto, cpu, gpu"
+    )
+
+
+def _add_fit(p: argparse.ArgumentParser, optimiser: type) -> None:
+    """Add the arguments train and pretrain share: FitConfig's, and the plateau patience of `optimiser`."""
+    from genreclf.config import SPLITS, FitConfig
+
+    p.add_argument("--store", type=Path, required=True, help="feature store from `genreclf featurize`")
+    p.add_argument("--out", type=Path, required=True, help="run folder to write")
+    _add_schedule(p, optimiser)
+    p.add_argument(
+        "--split",
+        choices=SPLITS,
+        default=_default(FitConfig, "split"),
+        help="FMA's artist-filtered split (official) or a random split like the reference's "
+        "80/20: 20%% test, 8%% validation, 72%% training",
+    )
+    p.add_argument(
+        "--seed", type=int, default=_default(FitConfig, "seed"), help="random seed (weights, crops, reference split)"
     )
     p.add_argument(
         "--devices",
@@ -1343,7 +1351,7 @@ def _add_report(p: argparse.ArgumentParser) -> None:
 
 def _add_compare(p: argparse.ArgumentParser) -> None:
     from genreclf.compare import compare_models
-    from genreclf.config import LOSSES, FitConfig, TrainConfig
+    from genreclf.config import LOSSES, TrainConfig
     from genreclf.train import MODELS
 
     p.description = (
@@ -1375,10 +1383,6 @@ def _add_compare(p: argparse.ArgumentParser) -> None:
         default=_default(compare_models, "n_boot"),
         help="bootstrap resamples of the test tracks",
     )
-    p.add_argument("--epochs", type=_positive_int, default=_default(FitConfig, "epochs"), help="maximum epochs")
-    p.add_argument(
-        "--batch-size", type=_positive_int, default=_default(FitConfig, "batch_size"), help="tracks per batch"
-    )
     p.add_argument("--lr", type=_positive_float, default=_default(TrainConfig, "lr"), help="Adam learning rate")
     _add_loss(p)
     p.add_argument(
@@ -1387,37 +1391,10 @@ def _add_compare(p: argparse.ArgumentParser) -> None:
         choices=LOSSES,
         default=None,
         help="compare these losses too: every (model, loss), named MODEL-LOSS (runs MODEL-LOSS-seedK), each loss "
-        "with its own parameters from the options below (instead of --loss)",
+        "with its own parameters from --pos-weight, --focal-gamma and the like (instead of --loss)",
     )
     p.add_argument("--weight-decay", type=float, default=_default(TrainConfig, "weight_decay"), help="Adam L2 penalty")
-    p.add_argument(
-        "--min-crop", type=_positive_int, default=_default(FitConfig, "min_crop"), help="shortest random crop, frames"
-    )
-    p.add_argument(
-        "--max-crop",
-        type=_positive_int,
-        default=_default(FitConfig, "max_crop"),
-        help="longest random crop, frames (also the validation crop)",
-    )
-    p.add_argument(
-        "--early-stopping",
-        type=_count,
-        default=_default(FitConfig, "early_stopping"),
-        metavar="EPOCHS",
-        help="stop after this many epochs without a better validation loss (0: never)",
-    )
-    p.add_argument(
-        "--plateau-patience",
-        type=_positive_int,
-        default=_default(TrainConfig, "plateau_patience"),
-        help="epochs without improvement before the learning rate is divided by 10",
-    )
-    p.add_argument(
-        "--workers", type=_count, default=_default(FitConfig, "workers"), help="data loader processes (0: none)"
-    )
-    p.add_argument(
-        "--accelerator", default=_default(FitConfig, "accelerator"), help="Lightning accelerator: auto, cpu, gpu"
-    )
+    _add_schedule(p, TrainConfig)
     p.set_defaults(func=cmd_compare)
 
 
