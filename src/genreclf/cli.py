@@ -791,8 +791,8 @@ def _add_synth(p: argparse.ArgumentParser) -> None:
         "--zipf",
         type=float,
         default=_default(make_corpus, "zipf"),
-        help="genre popularity ~ rank ** -ZIPF (1.2 with --genres 100: a long tail, most genres on under 1%% "
-        "of tracks)",
+        help="genre popularity ~ rank ** -ZIPF (1.0 with --genres 99, as `make compare-losses`: the top genre on "
+        "~27%% of the tracks, a tail of genres on under 1%%)",
     )
     p.set_defaults(func=cmd_synth)
 
@@ -1313,7 +1313,7 @@ def _add_report(p: argparse.ArgumentParser) -> None:
 
     p.description = (
         "Write OUT/report.md, report.json and PNG figures for one or more runs: each metric with its "
-        "chance level and a 95%% bootstrap interval over tracks, paired bootstrap differences between runs "
+        "chance level and a 95% bootstrap interval over tracks, paired bootstrap differences between runs "
         "evaluated on the same tracks, top-level genre accuracy, per-genre AP and ROC-AUC, precision-recall "
         "curves, learning curves, and (with --whole-sequence) whole-sequence vs crop averaging. Runs are evaluated "
         "first where needed."

@@ -67,7 +67,7 @@ SYNTH_GENRES = (
     240,
 )
 ZIPF_EXPONENT = 0.6  # genre popularity ~ rank ** -0.6: imbalanced, yet each genre recurs
-# A long tail (`synth --genres 100 --zipf 1.2`): the top genre on about a quarter of the tracks, most genres on
+# A long tail (`synth --genres 99 --zipf 1.0`): the top genre on about a quarter of the tracks, half the genres on
 # under 1%, as in FMA (whose top genre is on 23% of tracks and 50 genres on under 0.1%).
 SIGNATURE_SEED = 20170401  # genre signatures depend on this and the genre id only, not the corpus seed
 _TABLE = 2048  # samples in one period of a wavetable
