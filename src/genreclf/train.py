@@ -381,13 +381,24 @@ def _quiet_lightning() -> Iterator[None]:
 
 def _fit(run: _Run, module: L.LightningModule) -> L.LightningModule:
     """Run Lightning's fit; return the best epoch's module (by val_loss) on process 0, `module` on the others."""
+    grouped = _process_group()  # one the caller made before: theirs to end
     with _quiet_lightning():
         # weights_only: our checkpoints hold plain values and tensors; anything else could run code.
         run.trainer.fit(module, *run.loaders, ckpt_path=run.ckpt, weights_only=True)
         best_path = run.trainer.checkpoint_callback.best_model_path
         if best_path and run.trainer.is_global_zero:  # the others write nothing, so need no best model
             module = type(module).load_from_checkpoint(best_path, map_location="cpu", weights_only=True)
+    if not grouped and _process_group():
+        # Lightning's DDP process group, ended by all the processes together once the fit is over: left to the
+        # interpreter's exit, gloo's threads now and then aborted a process ("terminate called without an
+        # active exception", seen once in a test run of 2 processes).
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return module
+
+
+def _process_group() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _provenance(store: FeatureStore, fit: FitConfig, counts: tuple[int, int], extra: dict) -> dict:
