@@ -1526,7 +1526,8 @@ def _quick_exit(code: int) -> None:
     import multiprocessing
     import threading
 
-    if multiprocessing.active_children() or any(t.is_alive() and not t.daemon for t in threading.enumerate()[1:]):
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    if multiprocessing.active_children() or any(t.is_alive() for t in others):
         return
     atexit._run_exitfuncs()  # what asked to be done at exit is done (logging's flush, temporary folders, ...)
     for stream in (sys.stdout, sys.stderr):

@@ -301,12 +301,13 @@ class Tagger:
         # Every batch needs the same few hundred MB of scratch: kept, not given back and faulted in again
         # (page faults cost as much as the GRU's arithmetic in batches of 64 crops).
         with decoding, keep_freed_memory() if cpu else contextlib.nullcontext():
-            yield from self._results(decoding, decoding.files, batcher)
+            yield from self._results(decoding, batcher)
 
-    def _results(self, items: Iterable[tuple], files: list[Path], batcher: _Batcher) -> Iterator[Prediction]:
-        """Score the decoders' `items` (see genreclf.windows) of `files`; yield each file's Prediction when done."""
+    def _results(self, decoding: Decoding, batcher: _Batcher) -> Iterator[Prediction]:
+        """Score the decoders' items (see genreclf.windows); yield each file's Prediction when done."""
+        files = decoding.files
         ended = {}  # file -> (error, level) of the files that ended with windows still in the batch
-        for item in items:
+        for item in decoding:
             if item[1] == WINDOW:
                 if batcher.add(*item[0:1], *item[2:]):  # scored: the files that ended are done
                     for i in list(ended):
