@@ -217,10 +217,19 @@ def read_batch(store: FeatureStore, items: list[tuple[int, ...]], index_only: bo
     }
     if index_only:
         return {"position": torch.from_numpy(positions), "start": torch.from_numpy(starts), **batch}
-    frames, real = crop_frames(torch.from_numpy(starts), batch["lengths"], int(lengths.max()))
-    # torch converts float16 to float32 ~10x faster than numpy's astype (vectorised, measured 0.05 vs 0.7 ms)
-    x = torch.from_numpy(store.gather(positions, frames.numpy())).float()
-    return {"x": x.masked_fill_(~real[..., None], 0.0), **batch}
+    longest = int(lengths.max())
+    frames, _ = crop_frames(torch.from_numpy(starts), batch["lengths"], longest)
+    crops = torch.from_numpy(store.gather(positions, frames.numpy()))
+    # Converted crop by crop: torch's float16 -> float32 is ~10x numpy's astype (0.07 vs 1.3 ms a batch of
+    # 32 x 256 frames), and a crop of up to 256 frames is within torch's grain for one thread (32,768
+    # elements). Batch-wide, the copy goes to the intra-op threads, and on a loaded 2-core machine waiting
+    # for a descheduled one took up to 7 ms a batch (measured: p95 4.5 ms, against 0.2 ms crop by crop).
+    x = torch.empty((len(items), longest, crops.shape[2]), dtype=torch.float32)
+    for row, crop, length in zip(x, crops, lengths.tolist()):
+        row[:length].copy_(crop[:length])
+        if length < longest:
+            row[length:].zero_()
+    return {"x": x, **batch}
 
 
 class CropBatches(Dataset):
