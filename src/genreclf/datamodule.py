@@ -107,6 +107,9 @@ class RunData(L.LightningDataModule):
             need = len(self.store) * self.store.frame_shape[0] * self.store.frame_shape[1] * 2
             if device.type == "cuda":
                 free, total = torch.cuda.mem_get_info(device)
+                # Memory this process's allocator holds but does not use (an earlier run's cache, in compare)
+                # is free for it too.
+                free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
                 where = (
                     f"on {device} (with {GPU_HEADROOM / 2**30:.0f} GiB left for training; {total / 1e9:.1f} GB in all)"
                 )
