@@ -71,8 +71,10 @@ def test_a_nan_weight_stops_the_run_and_resume_continues_from_the_last_good_epoc
     out, fit = tmp_path / "run", dataclasses.replace(FIT, epochs=3)
     optim = OPTIM if run is train else PretrainConfig(lr=1e-3)
     spoil = SpoilAt(out, 1, nan_weights)
+    threads = torch.get_num_threads()
     with pytest.raises(GenreclfError) as err:
         run(store_dir, out, fit, optim, progress=False, callbacks=[spoil])
+    assert torch.get_num_threads() == threads  # the fit's CPU settings (genreclf.lightning_modules.cpu_fit) undone
     text = message(err)
     assert text.startswith("training loss is nan in epoch 2, batch 1 of 4: ")
     assert "training diverged" in text and f"the weights of epoch 1 are kept in {out}/checkpoints/last.ckpt" in text

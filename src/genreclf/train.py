@@ -42,7 +42,7 @@ from genreclf.calibrate import describe, validation_thresholds
 from genreclf.config import FitConfig, PretrainConfig, TrainConfig
 from genreclf.data import CropBatchSampler, EvenCropSampler, loader, split_positions
 from genreclf.errors import GenreclfError, first_line
-from genreclf.lightning_modules import PretrainModule, TaggerModule
+from genreclf.lightning_modules import PretrainModule, TaggerModule, cpu_fit
 from genreclf.modelfile import ModelFile, save_tensors
 from genreclf.models import GRUConfig, ModelConfig, TransformerConfig, config_from_dict, count_parameters
 from genreclf.nonfinite import NonFiniteLoss, StopOnNonFinite
@@ -387,7 +387,8 @@ def _fit(run: _Run, module: L.LightningModule) -> L.LightningModule:
     """Run Lightning's fit; return the best epoch's module (by val_loss) on process 0, `module` on the others."""
     grouped = _process_group()  # one the caller made before: theirs to end
     try:
-        with _quiet_lightning():
+        cpu = run.trainer.strategy.root_device.type == "cpu"
+        with _quiet_lightning(), cpu_fit(module) if cpu else contextlib.nullcontext():
             # weights_only: our checkpoints hold plain values and tensors; anything else could run code.
             run.trainer.fit(module, *run.loaders, ckpt_path=run.ckpt, weights_only=True)
             best_path = run.trainer.checkpoint_callback.best_model_path
