@@ -27,8 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from genreclf.fastops import keep_freed_memory
-from genreclf.lightning_modules import TaggerModule
+from genreclf.lightning_modules import TaggerModule, cpu_fit
 from genreclf.losses import weighted_bce
 from genreclf.models import GRUConfig, TransformerConfig
 
@@ -64,15 +63,17 @@ def tf_version() -> str:
 class Ours:
     """One genreclf model with the reference's optimiser and loss."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, ddp: bool = False):
         torch.manual_seed(0)
         module = TaggerModule(CONFIGS[kind]())
         self.model = module.model.train()
         self.opt = module.configure_optimizers()["optimizer"]  # training's: Adam(1e-5, eps 1e-7), fused on the CPU
+        # DDP as Lightning wraps the model: gradients averaged over the processes in the backward pass.
+        self.forward = torch.nn.parallel.DistributedDataParallel(self.model) if ddp else self.model
 
     def step(self, x: np.ndarray, y: np.ndarray) -> None:
         self.opt.zero_grad(set_to_none=True)
-        loss = weighted_bce(self.model(torch.from_numpy(x)), torch.from_numpy(y), 4.0)
+        loss = weighted_bce(self.forward(torch.from_numpy(x)), torch.from_numpy(y), 4.0)
         loss.backward()
         self.opt.step()
 
@@ -109,10 +110,47 @@ def batches(lengths: list[int], seed: int) -> list[tuple[np.ndarray, np.ndarray]
     ]
 
 
+def _ddp_rank(kind: str, rank: int, port: int, conn) -> None:
+    """One of the "ddp" implementation's 2 processes: single-threaded, its half of every batch of 32."""
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    runner = Ours(kind, ddp=True)
+    with cpu_fit(runner.model):
+        # Rank 0 takes the requests and hands them on; it times the steps of both, between barriers.
+        while (msg := _broadcast(conn.recv() if rank == 0 else None)) is not None:
+            data = batches(*msg)
+            torch.distributed.barrier()
+            t0 = time.perf_counter()
+            for x, y in data:
+                runner.step(x[rank::2], y[rank::2])
+            torch.distributed.barrier()
+            if rank == 0:
+                conn.send(sum(len(x) for x, _ in data) / (time.perf_counter() - t0))
+    torch.distributed.destroy_process_group()
+
+
+def _broadcast(msg):
+    box = [msg]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def worker(impl: str, kind: str, threads: int, conn) -> None:
     """Serve ("run", lengths, seed) -> samples/s for one implementation, in its own process."""
     # One framework per process: two thread pools in one process take turns badly (each
     # spins while the other works), and TensorFlow and PyTorch each bring their own oneDNN.
+    if impl == "ddp":  # this process is rank 0 of 2; rank 1 is its child
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        other = mp.get_context("spawn").Process(target=_ddp_rank, args=(kind, 1, port, None), daemon=True)
+        other.start()
+        conn.send(0.0)
+        _ddp_rank(kind, 0, port, conn)
+        other.join()
+        return
     torch.set_num_threads(threads)
     if impl == "keras":
         runner = Keras(kind, threads)
@@ -121,7 +159,7 @@ def worker(impl: str, kind: str, threads: int, conn) -> None:
         runner = Ours(kind)
         conn.send(0.0)
     # As genreclf's training does (TaggerModule.on_fit_start); TensorFlow has its own caching allocator.
-    with keep_freed_memory() if impl == "ours" else contextlib.nullcontext():
+    with cpu_fit(runner.model) if impl == "ours" else contextlib.nullcontext():
         while (msg := conn.recv()) is not None:
             lengths, seed = msg
             data = batches(lengths, seed)
@@ -137,6 +175,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; the fastest counts")
     ap.add_argument("--steps", type=int, default=4, help="timed training steps per crop and round")
     ap.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument(
+        "--ours",
+        nargs="+",
+        default=["ours", "ddp"],
+        choices=["ours", "ddp"],
+        help="ours: one process of --threads threads; ddp: 2 single-threaded processes sharing each batch",
+    )
     args = ap.parse_args()
 
     rng = np.random.default_rng(0)
@@ -152,9 +197,10 @@ def main() -> None:
     for kind in args.models:
         conns = {}
         procs = []
-        for impl in ("ours", "keras"):
+        for impl in (*args.ours, "keras"):
             parent, child = ctx.Pipe()
-            procs.append(ctx.Process(target=worker, args=(impl, kind, args.threads, child), daemon=True))
+            # Not daemonic: the "ddp" worker starts its second process itself.
+            procs.append(ctx.Process(target=worker, args=(impl, kind, args.threads, child), daemon=impl != "ddp"))
             procs[-1].start()
             conns[impl] = parent
         diff = max(conn.recv() for conn in conns.values())
@@ -175,11 +221,12 @@ def main() -> None:
             conn.send(None)
         for proc in procs:
             proc.join()
-    print(f"\n  {'model':<12} {'crop':>5} {'ours/s':>9} {'Keras/s':>9} {'ours/Keras':>11}")
+    print(f"\n  {'model':<12} {'crop':>5} {'genreclf':<8} {'ours/s':>9} {'Keras/s':>9} {'ours/Keras':>11}")
     for (kind, name), best in results.items():
-        ratio = best["ours"] / best["keras"]
-        mark = "" if ratio >= TARGET else f"   (< {TARGET})"
-        print(f"  {kind:<12} {name:>5} {best['ours']:9.1f} {best['keras']:9.1f} {ratio:10.2f}x{mark}")
+        for impl in args.ours:
+            ratio = best[impl] / best["keras"]
+            mark = "" if ratio >= TARGET else f"   (< {TARGET})"
+            print(f"  {kind:<12} {name:>5} {impl:<8} {best[impl]:9.1f} {best['keras']:9.1f} {ratio:10.2f}x{mark}")
 
 
 if __name__ == "__main__":

@@ -47,6 +47,20 @@ def write_bad_files(folder: Path) -> dict[str, Path]:
     return {"empty": empty, "truncated": truncated, "random": noise, "text": text}
 
 
+def write_nan_features(store_dir: Path, part: str, split: str = "official", seed: int = 0) -> int:
+    """Set every feature of the first track of `part` (training/validation) to NaN on disk; return its id."""
+    from genreclf.data import split_positions
+    from genreclf.store import FeatureStore, part_name
+
+    store = FeatureStore.open(store_dir)
+    position = int(split_positions(store, part, split, seed)[0])
+    k, row = int(store.index.at[position, "part"]), int(store.index.at[position, "row"])
+    features = np.load(store_dir / part_name(k, store.header.n_parts) / "features.npy", mmap_mode="r+")
+    features[row] = np.nan  # through the store's memory map, as a corrupt write would leave it
+    features.flush()
+    return int(store.track_ids[position])
+
+
 @pytest.fixture(scope="session")
 def real_mp3() -> Path:
     return REAL_MP3

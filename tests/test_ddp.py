@@ -10,6 +10,7 @@ import csv
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import write_nan_features
 
 from genreclf.config import FitConfig, PretrainConfig, TrainConfig
 from genreclf.errors import GenreclfError
@@ -40,6 +42,21 @@ from genreclf.train import train
 store, out, fit, optim, model = sys.argv[1:]
 fit, optim, model = FitConfig(**json.loads(fit)), TrainConfig(**json.loads(optim)), GRUConfig(**json.loads(model))
 train(store, out, fit, optim, progress=False, model_config=model)
+"""
+
+# The same with NaN features in the store: each process writes the error it stopped with to ERRORS/RANK.
+SCRIPT_NAN = """
+import json, os, sys
+from pathlib import Path
+from genreclf.config import FitConfig, TrainConfig
+from genreclf.errors import GenreclfError
+from genreclf.train import train
+
+store, out, errors, fit = sys.argv[1:]
+try:
+    train(store, out, FitConfig(**json.loads(fit)), TrainConfig(lr=1e-3), progress=False)
+except GenreclfError as e:
+    Path(errors, os.environ["RANK"]).write_text(str(e))
 """
 
 
@@ -119,6 +136,23 @@ def test_two_processes_sharing_each_batch_train_as_one(store_dir, tmp_path):
     # a run resumes with the model config it started with, not the default one
     with pytest.raises(GenreclfError, match="was started with GRUConfig.*pool_dropout=0.0"):
         train(store_dir, two, dataclasses.replace(FIT, epochs=3), OPTIM, resume=True, progress=False)
+
+
+def test_a_nan_loss_on_one_process_stops_every_process_at_the_same_step(store_dir, tmp_path):
+    store, errors, script = tmp_path / "store", tmp_path / "errors", tmp_path / "ddp_nan.py"
+    shutil.copytree(store_dir, store)
+    track = write_nan_features(store, "training", FIT.split, FIT.seed)  # in one process's share of its batch
+    errors.mkdir()
+    script.write_text(SCRIPT_NAN)
+    fit = json.dumps(dataclasses.asdict(dataclasses.replace(FIT, devices="2", strategy="ddp")))
+    torchrun(str(script), str(store), str(tmp_path / "run"), str(errors), fit)  # neither hangs nor crashes
+    said = sorted(p.read_text() for p in errors.iterdir())
+    assert len(said) == 2, said
+    where = {text.split(":")[0].split(" in ")[1] for text in said}  # "epoch 1, batch k of 4"
+    assert len(where) == 1 and said[0].startswith("training gradients are not finite in epoch 1, ")
+    assert said[1].startswith("training loss is nan in epoch 1, ")  # the process whose share holds the track
+    assert all(f"the features of track {track} in {store} hold NaN or inf" in text for text in said)
+    assert not (tmp_path / "run" / "model.safetensors").exists()
 
 
 @pytest.mark.parametrize(

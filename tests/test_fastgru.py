@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from torch import nn
 
-from genreclf.fastgru import _BiGRULayer, fast_gru
+from genreclf.fastgru import _BiGRULayer, _directions, fast_gru, side_by_side
 from genreclf.losses import weighted_bce
 from genreclf.models import GRUConfig, GRUTagger, init_keras_style
 
@@ -76,3 +78,66 @@ def test_dropout_between_layers_in_training_only():
 def test_refuses_a_gru_it_does_not_implement():
     with pytest.raises(ValueError, match="bidirectional"):
         fast_gru(nn.GRU(4, 4, batch_first=True), torch.randn(1, 3, 4))
+
+
+@pytest.fixture
+def two_torch_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_side_by_side_runs_the_directions_on_two_threads_with_nn_grus_function(two_torch_threads):
+    torch.manual_seed(0)
+    gru = nn.GRU(16, 8, num_layers=2, batch_first=True, bidirectional=True)
+    x = torch.randn(3, 12, 16, requires_grad=True)
+    weight = torch.randn(3, 12, 16)
+    ref = gru(x)[0]
+    want = _grads(gru, ref, weight, x)
+    with side_by_side() as paired:
+        assert paired and torch.get_num_threads() == 1  # one intra-op thread here, one in the other thread
+        threads = _directions(lambda: threading.get_ident(), (), ())
+        ours = fast_gru(gru, x)
+        got = _grads(gru, ours, weight, x)
+    assert torch.get_num_threads() == 2  # given back
+    assert threads[0] == threading.get_ident() != threads[1]
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=0, msg=name)
+
+
+def test_an_error_in_the_other_direction_reaches_the_caller(two_torch_threads):
+    def fail(which):
+        if which == "reverse":
+            raise ValueError("reverse failed")
+        return which
+
+    with side_by_side(), pytest.raises(ValueError, match="reverse failed"):
+        _directions(fail, ("forward",), ("reverse",))
+    with side_by_side():  # and the thread serves the next call
+        assert _directions(fail, ("a",), ("b",)) == ("a", "b")
+
+
+def test_side_by_side_is_a_no_op_with_one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with side_by_side() as paired:
+            assert not paired
+            assert _directions(lambda: threading.get_ident(), (), ()) == (threading.get_ident(),) * 2
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads, halves", [(2, (1, 1)), (3, (1, 2)), (4, (2, 2))])
+def test_the_directions_share_the_process_threads(threads, halves):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with side_by_side():
+            assert torch.get_num_threads() == halves[0]
+            assert _directions(torch.get_num_threads, (), ()) == halves
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)

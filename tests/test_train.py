@@ -281,10 +281,12 @@ class Autocast(Callback):
         module.model.register_forward_hook(hook)
 
 
-def test_bf16_mixed_precision_trains_on_the_cpu(store_dir, tmp_path):
+@pytest.mark.parametrize("model", ["gru", "transformer"])
+def test_bf16_mixed_precision_trains_on_the_cpu(store_dir, tmp_path, model):
+    # The CPU fast paths (oneDNN layers, fastgru's layer) run under autocast, in float32.
     assert _trainer(tmp_path, FitConfig(), progress=False).precision == "32-true"  # auto, without a CUDA GPU
     autocast = Autocast()
-    fit = dataclasses.replace(FIT, model="transformer", epochs=1, workers=0, min_crop=32, max_crop=64)
+    fit = dataclasses.replace(FIT, model=model, epochs=1, workers=0, min_crop=32, max_crop=64)
     result = train(
         store_dir,
         tmp_path / "run",

@@ -3,9 +3,10 @@
 nn.GRU's CPU autograd records every timestep's ops and runs the two directions one after
 the other; its backward makes ~1000 tiny matmuls per layer, weight gradients accumulated
 step by step. Here one layer is one autograd.Function with a hand-written backward:
-  - the input projections of all timesteps are one batched matmul, both directions at once;
-  - the directions are a batch of 2 (the backward one time-reversed): one baddbmm per step;
-  - the backward loop does, per step, only the element-wise gate gradients and one bmm for
+  - each direction's input projections of all timesteps are one matmul;
+  - each direction's recurrence is a TorchScript loop (no Python per op, and no GIL held, so the
+    two directions run side by side on two threads, as Keras runs them: `_directions`);
+  - the backward loop does, per step, only the element-wise gate gradients and one matmul for
     dh; the weight and bias gradients are a few big matmuls and sums after the loop.
 The equations are PyTorch's (gate order r, z, n):
     r, z = sigmoid(W_ir x + b_ir + W_hr h + b_hr), sigmoid(W_iz x + b_iz + W_hz h + b_hz)
@@ -15,6 +16,12 @@ Padded batches (lengths < frames) still go through nn.GRU with packing.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import queue
+import threading
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -29,108 +36,212 @@ class _BiGRULayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, *weights: Tensor) -> Tensor:
         # weights: (w_ih, w_hh, b_ih, b_hh) of the forward direction, then of the reverse one.
-        w_ih, w_hh, b_ih, b_hh = (torch.stack([weights[i], weights[i + 4]]) for i in range(4))
         t, b, _ = x.shape
-        hid = w_hh.shape[2]
+        hid = weights[1].shape[1]
         # Direction 1 reads time backwards: its step s is frame t - 1 - s. Everything below is step-indexed.
         x2 = torch.stack([x, x.flip(0)]).view(2, t * b, -1)
-        # tanh(a) = 2 sigmoid(2a) - 1, and on these small tensors sigmoid_ + addcmul cost a third of
-        # tanh_ (measured): the n rows of the input gates are doubled (exactly).
-        double_n = torch.ones(3 * hid, 1, dtype=x.dtype, device=x.device)
-        double_n[2 * hid :] = 2.0
-        gi = _input_gates(x2, w_ih * double_n, b_ih * double_n.squeeze(1)).view(2, t, b, 3 * hid)
-        w_hh_t, b_hh1 = w_hh.transpose(1, 2), b_hh.unsqueeze(1)
-        gh, n = x.new_empty(2, b, 3 * hid), x.new_empty(2, b, hid)  # scratch, reused every step
-        gh_rz, gh_n = gh[..., : 2 * hid], gh[..., 2 * hid :]
-        rz = x.new_empty(t, 2, b, 2 * hid)  # sigmoid(r, z) of every step
+        rz = x.new_empty(2, t, b, 2 * hid)  # sigmoid(r, z) of every step
         y = x.new_empty(2, t, b, hid)
-        # dL/d(pre-activation) = dh * k per gate; k is made here, per step, while its inputs are in cache
-        # (as whole-sequence tensors the same arithmetic costs ~4x more: memory-bound). Gates in k:
+        # dL/d(pre-activation) = dh * k per gate; k is made in the loop, per step, while its inputs are in
+        # cache (as whole-sequence tensors the same arithmetic costs ~4x more: memory-bound). Gates in k:
         # r, z, the hidden n part (W_hn h + b_hn), the input n part.
         train = any(ctx.needs_input_grad)
-        k = x.new_empty(t, 2, b, 4, hid) if train else x.new_empty(1, 2, b, 4, hid)
-        # Per-step views made once: the loop's Python overhead is a fair share of its time.
-        steps = zip(
-            gi[..., : 2 * hid].unbind(1),
-            gi[..., 2 * hid :].unbind(1),
-            rz.unbind(0),
-            rz[..., :hid].unbind(0),
-            rz[..., hid:].unbind(0),
-            y.unbind(1),
-            k.expand(t, -1, -1, -1, -1).unbind(0),
-        )
-        h = x.new_zeros(2, b, hid)
-        # Full-size constants: a Python number costs a tensor conversion per op, a 0-dim one a broadcast.
-        ones, minus_ones, twos = x.new_ones(2, b, hid), x.new_full((2, b, hid), -1.0), x.new_full((2, b, hid), 2.0)
-        for gi_rz, gi_n, rz_s, r_s, z_s, y_s, k_s in steps:
-            torch.baddbmm(b_hh1, h, w_hh_t, out=gh)
-            torch.add(gi_rz, gh_rz, out=rz_s).sigmoid_()
-            torch.addcmul(minus_ones, torch.addcmul(gi_n, r_s, gh_n, value=2, out=n).sigmoid_(), twos, out=n)
-            if not train:
-                h = torch.lerp(n, h, z_s, out=y_s)
-                continue
-            kr, kz, khn, kin = k_s.unbind(2)
-            torch.sub(h, n, out=kz)
-            h = torch.addcmul(n, z_s, kz, out=y_s)  # (1 - z) n + z h
-            omz = torch.sub(ones, z_s)
-            torch.addcmul(omz, omz, torch.mul(n, n, out=kin), value=-1, out=kin)  # (1 - z)(1 - n^2)
-            torch.mul(kin, r_s, out=khn)
-            torch.mul(gh_n, kin, out=kr)
-            k_s[:, :, :2].mul_(torch.addcmul(rz_s, rz_s, rz_s, value=-1).view(2, b, 2, hid))  # r(1 - r), z(1 - z)
-        ctx.save_for_backward(x2, w_ih, w_hh, rz, y, k)
+        k = x.new_empty(2, t if train else 0, b, 4, hid)
+        _directions(_forward, *((x2[i], *weights[4 * i : 4 * i + 4], y[i], rz[i], k[i], train) for i in range(2)))
+        ctx.save_for_backward(x2, *weights, rz, y, k)
         return torch.cat([y[0], y[1].flip(0)], dim=-1)
 
     @staticmethod
     def backward(ctx: Any, dout: Tensor) -> tuple[Tensor | None, ...]:
-        x2, w_ih, w_hh, rz, y, k = ctx.saved_tensors
+        x2, *weights, rz, y, k = ctx.saved_tensors
         _, t, b, hid = y.shape
         dy = torch.stack([dout[..., :hid], dout[..., hid:].flip(0)])  # (2, t, b, hid), step-indexed
-        d = y.new_empty(2, t, b, 4 * hid)
-        dh, acc = dy[:, t - 1].clone(), y.new_empty(2, b, hid)
-        dh4 = dh.unsqueeze(2)
-        d4, dgh = d.view(2, t, b, 4, hid).unbind(1), d[..., : 3 * hid].unbind(1)
-        dys, zs, ks = dy.unbind(1), rz[..., hid:].unbind(0), k.unbind(0)
-        for s in range(t - 1, -1, -1):
-            torch.mul(dh4, ks[s], out=d4[s])
-            if s:
-                torch.addcmul(dys[s - 1], dh, zs[s], out=acc)
-                torch.baddbmm(acc, dgh[s], w_hh, out=dh)
-        grads = _weight_grads(d, x2, y, w_ih, ctx.needs_input_grad[0])
-        return grads[0], *(g[0] for g in grads[1:]), *(g[1] for g in grads[1:])
+        z, need_dx = rz[..., hid:], ctx.needs_input_grad[0]
+        w_ih, w_hh = weights[0::4], weights[1::4]
+        grads = _directions(_backward, *((dy[i], z[i], k[i], x2[i], y[i], w_ih[i], w_hh[i], need_dx) for i in range(2)))
+        dx = (grads[0][0].view(t, b, -1) + grads[1][0].view(t, b, -1).flip(0)) if need_dx else None
+        return dx, *grads[0][1:], *grads[1][1:]
 
 
-def _input_gates(x2: Tensor, w_ih: Tensor, b_ih: Tensor) -> Tensor:
-    """Return x2 @ w_ih.T + b_ih per direction: (2, rows, 3 * hidden)."""
-    if use_onednn(x2, w_ih):
-        return torch.stack([onednn_linear(x2[i], w_ih[i], b_ih[i]) for i in range(2)])
-    return torch.baddbmm(b_ih.unsqueeze(1), x2, w_ih.transpose(1, 2))
+def _forward(
+    x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor, y: Tensor, rz: Tensor, k: Tensor, train: bool
+) -> None:
+    """One direction's forward on its step-indexed (t * b, features) input x: fill y, rz and (train) k."""
+    hid = w_hh.shape[1]
+    # tanh(a) = 2 sigmoid(2a) - 1, and on these small tensors sigmoid_ + addcmul cost a third of
+    # tanh_ (measured): the n rows of the input gates are doubled (exactly).
+    double_n = torch.ones(3 * hid, 1, dtype=x.dtype, device=x.device)
+    double_n[2 * hid :] = 2.0
+    gi = _input_gates(x, w_ih * double_n, b_ih * double_n.squeeze(1)).view(*y.shape[:2], 3 * hid)
+    _forward_steps(gi, w_hh.t().contiguous(), b_hh, y, rz, k, train)
 
 
-def _weight_grads(d: Tensor, x2: Tensor, y: Tensor, w_ih: Tensor, need_dx: bool) -> tuple[Tensor | None, ...]:
-    """Return dx and the (2, ...) gradients of w_ih, w_hh, b_ih, b_hh from the step gradients d."""
-    _, t, b, hid4 = d.shape
-    hid = hid4 // 4
-    d = d.view(2, t * b, hid4)
-    dgh = d[..., : 3 * hid]
-    dgi = torch.cat([d[..., : 2 * hid], d[..., 3 * hid :]], dim=-1)
+def _backward(
+    dy: Tensor, z: Tensor, k: Tensor, x: Tensor, y: Tensor, w_ih: Tensor, w_hh: Tensor, need_dx: bool
+) -> tuple[Tensor | None, ...]:
+    """One direction's backward: its dx (t * b, features) and the gradients of w_ih, w_hh, b_ih, b_hh."""
+    t, b, hid = y.shape
+    d = y.new_empty(t, b, 4, hid)
+    _backward_steps(dy, z, k, w_hh, d)
+    return _weight_grads(d.view(t * b, 4 * hid), x, y, w_ih, need_dx)
+
+
+def _forward_steps(gi: Tensor, w_hh_t: Tensor, b_hh: Tensor, y: Tensor, rz: Tensor, k: Tensor, train: bool) -> None:
+    """One direction's recurrence: fill y (t, b, hid), rz (t, b, 2 hid) and, if train, k (t, b, 4, hid)."""
+    t, b, hid = gi.shape[0], gi.shape[1], w_hh_t.shape[0]
+    h = torch.zeros(b, hid, dtype=gi.dtype, device=gi.device)
+    gh = torch.empty(b, 3 * hid, dtype=gi.dtype, device=gi.device)  # scratch, reused every step
+    n, omz = torch.empty_like(h), torch.empty_like(h)
+    gh_rz, gh_n = gh[:, : 2 * hid], gh[:, 2 * hid :]
+    for s in range(t):
+        torch.addmm(b_hh, h, w_hh_t, out=gh)
+        gi_s, rz_s, y_s = gi[s], rz[s], y[s]
+        torch.add(gi_s[:, : 2 * hid], gh_rz, out=rz_s).sigmoid_()
+        r, z = rz_s[:, :hid], rz_s[:, hid:]
+        torch.addcmul(gi_s[:, 2 * hid :], r, gh_n, value=2.0, out=n).sigmoid_()
+        n.mul_(2.0).sub_(1.0)
+        if train:
+            k_s = k[s]
+            kr, kz, khn, kin = k_s[:, 0], k_s[:, 1], k_s[:, 2], k_s[:, 3]
+            torch.sub(h, n, out=kz)
+            torch.addcmul(n, z, kz, out=y_s)  # (1 - z) n + z h
+            torch.neg(z, out=omz).add_(1.0)
+            torch.mul(n, n, out=kin)
+            torch.addcmul(omz, omz, kin, value=-1.0, out=kin)  # (1 - z)(1 - n^2)
+            torch.mul(kin, r, out=khn)
+            torch.mul(gh_n, kin, out=kr)
+            k_s[:, :2].mul_(torch.addcmul(rz_s, rz_s, rz_s, value=-1.0).view(b, 2, hid))  # r(1 - r), z(1 - z)
+        else:
+            torch.lerp(n, h, z, out=y_s)
+        h = y_s
+
+
+def _backward_steps(dy: Tensor, z: Tensor, k: Tensor, w_hh: Tensor, d: Tensor) -> None:
+    """One direction's backward recurrence: fill d (t, b, 4, hid), the gradients of the gates' pre-activations."""
+    t, b, hid = dy.shape[0], dy.shape[1], w_hh.shape[1]
+    dh, acc = dy[t - 1].clone(), torch.empty_like(dy[0])
+    for i in range(t):
+        s = t - 1 - i
+        d_s = d[s]
+        torch.mul(dh.unsqueeze(1), k[s], out=d_s)
+        if s > 0:
+            torch.addcmul(dy[s - 1], dh, z[s], out=acc)
+            torch.addmm(acc, d_s.view(b, 4 * hid)[:, : 3 * hid], w_hh, out=dh)
+
+
+def _script(fn: Callable) -> Callable:
+    """Return `fn` compiled by TorchScript (its loop then runs without the GIL), or `fn` where that fails."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script: deprecated, not removed
+            return torch.jit.script(fn)
+    except Exception:  # noqa: BLE001 (a torch without TorchScript: the same function, run by Python)
+        return fn
+
+
+_forward_steps, _backward_steps = _script(_forward_steps), _script(_backward_steps)
+_SCRIPTED = isinstance(_forward_steps, torch.jit.ScriptFunction)  # else the loops hold the GIL: no second thread
+
+
+class _Twin:
+    """A second thread that runs the other direction beside the caller's."""
+
+    def __init__(self):
+        self.pid, self.jobs = os.getpid(), queue.SimpleQueue()
+        threading.Thread(target=self._serve, name="genreclf-gru-direction", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            fn, args, threads, done = self.jobs.get()
+            try:
+                if torch.get_num_threads() != threads:  # intra-op threads are set per thread
+                    torch.set_num_threads(threads)
+                with torch.no_grad():  # grad mode is per thread too: the caller's (in an autograd.Function) is off
+                    done.put((fn(*args), None))
+            except BaseException as e:  # noqa: BLE001 (handed to the caller)
+                done.put((None, e))
+
+    def pair(self, fn: Callable, mine: tuple, theirs: tuple, threads: int) -> tuple[Any, Any]:
+        """Run fn(*mine) here and fn(*theirs) there, `threads` intra-op threads between them; return both."""
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        self.jobs.put((fn, theirs, threads - threads // 2, done))
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads // 2)
+        try:
+            result = fn(*mine)
+        finally:
+            other, error = done.get()  # always: the other direction writes into this call's tensors
+            torch.set_num_threads(before)
+        if error is not None:
+            raise error
+        return result, other
+
+
+_twin: _Twin | None = None
+_fit_threads = 0  # within side_by_side(): the process's intra-op threads, shared by the two directions
+
+
+@contextlib.contextmanager
+def side_by_side() -> Iterator[bool]:
+    """Within the block, the process's intra-op threads are split in two halves, one per GRU direction.
+
+    For the length of a CPU fit (genreclf.lightning_modules.cpu_fit): the process keeps half its threads
+    (1 of 2) for everything, and the second direction of every layer runs on a thread of its own with the
+    other half, as Keras runs its Bidirectional GRU. Outside it, the directions are paired within each layer
+    only, and on 2 cores a team of 2 that the ops before left spinning (libgomp waits actively for a few ms)
+    takes turns with the second direction (measured: up to 20% slower at crop 128). Yields whether the
+    directions run side by side; a no-op in a process of one thread.
+    """
+    global _fit_threads
+    threads = torch.get_num_threads()
+    if threads < 2 or _fit_threads or not _SCRIPTED:
+        yield bool(_fit_threads)
+        return
+    torch.set_num_threads(threads // 2)
+    _fit_threads = threads
+    try:
+        yield True
+    finally:
+        _fit_threads = 0
+        torch.set_num_threads(threads)
+
+
+def _directions(fn: Callable, forward: tuple, reverse: tuple) -> tuple[Any, Any]:
+    """Run fn on both directions' arguments: side by side on two threads when torch has two, else in turn.
+
+    Keras runs the two directions of its Bidirectional GRU concurrently too. The directions' loops are
+    TorchScript, which releases the GIL, so the two threads run in parallel.
+    """
+    global _twin
+    threads = _fit_threads or torch.get_num_threads()
+    if not _SCRIPTED or threads < 2:
+        return fn(*forward), fn(*reverse)
+    if _twin is None or _twin.pid != os.getpid():  # a forked child has no thread of its parent's
+        _twin = _Twin()
+    return _twin.pair(fn, forward, reverse, threads)
+
+
+def _input_gates(x: Tensor, w_ih: Tensor, b_ih: Tensor) -> Tensor:
+    """Return x @ w_ih.T + b_ih: (rows, 3 * hidden)."""
+    return onednn_linear(x, w_ih, b_ih) if use_onednn(x, w_ih) else torch.addmm(b_ih, x, w_ih.t())
+
+
+def _weight_grads(d: Tensor, x: Tensor, y: Tensor, w_ih: Tensor, need_dx: bool) -> tuple[Tensor | None, ...]:
+    """Return one direction's dx and the gradients of w_ih, w_hh, b_ih, b_hh from its step gradients d."""
+    t, b, hid = y.shape
+    dgh = d[:, : 3 * hid]
+    dgi = torch.cat([d[:, : 2 * hid], d[:, 3 * hid :]], dim=-1)
     # Step 0 started from the zero state: it adds nothing to dW_hh.
-    h_prev = y[:, :-1].reshape(2, (t - 1) * b, hid)
+    h_prev = y[:-1].reshape((t - 1) * b, hid)
     if use_onednn(d):
         # On all four gate columns of d, which are dense, the last (input n) dropped after.
-        dw_hh = torch.stack([onednn_mm_t(d[i, b:], h_prev[i])[: 3 * hid] for i in range(2)])
-        dw_ih = torch.stack([onednn_mm_t(dgi[i], x2[i]) for i in range(2)])
+        dw_hh = onednn_mm_t(d[b:], h_prev)[: 3 * hid]
+        dw_ih = onednn_mm_t(dgi, x)
+        dx = onednn_linear(dgi, w_ih.t().contiguous()) if need_dx else None
     else:
-        dw_hh = torch.bmm(dgh[:, b:].transpose(1, 2), h_prev)
-        dw_ih = torch.bmm(dgi.transpose(1, 2), x2)
-    dx = None
-    if need_dx:
-        if use_onednn(d):
-            dx2 = torch.stack([onednn_linear(dgi[i], w_ih[i].t().contiguous()) for i in range(2)])
-        else:
-            dx2 = torch.bmm(dgi, w_ih)
-        dx2 = dx2.view(2, t, b, -1)
-        dx = dx2[0] + dx2[1].flip(0)
-    return dx, dw_ih, dw_hh, dgi.sum(1), dgh.sum(1)
+        dw_hh, dw_ih = dgh[b:].t() @ h_prev, dgi.t() @ x
+        dx = dgi @ w_ih if need_dx else None
+    return dx, dw_ih, dw_hh, dgi.sum(0), dgh.sum(0)
 
 
 def bigru_layer(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor, *reverse: Tensor) -> Tensor:

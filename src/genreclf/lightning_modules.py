@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 
 from genreclf.config import PretrainConfig, TrainConfig
 from genreclf.errors import GenreclfError
+from genreclf.fastgru import side_by_side
 from genreclf.fastops import keep_freed_memory
 from genreclf.losses import criterion
 from genreclf.models import (
@@ -164,24 +166,18 @@ def _as_dataclass(cls: type, cfg: Any) -> Any:
     raise TypeError(f"expected {cls.__name__} or dict, got {type(cfg).__name__}")
 
 
-class _KeepsFreedMemory(L.LightningModule):
-    """Fits on the CPU inside `keep_freed_memory`: no page faults for the activations of every step."""
-
-    def on_fit_start(self) -> None:
-        self._fit_memory = contextlib.ExitStack()
-        if self.device.type == "cpu":
-            self._fit_memory.enter_context(keep_freed_memory())
-
-    def on_fit_end(self) -> None:
-        self.teardown("fit")
-
-    def teardown(self, stage: str) -> None:
-        # Also reached when fit stops on an error; closing twice is a no-op.
-        if getattr(self, "_fit_memory", None) is not None:
-            self._fit_memory.close()
+@contextlib.contextmanager
+def cpu_fit(model: nn.Module) -> Iterator[None]:
+    """What a fit on the CPU runs inside (genreclf.train): `keep_freed_memory` (no page faults for every
+    step's activations) and, for a GRU, `side_by_side` (its directions on two threads, one core each)."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(keep_freed_memory())
+        if any(isinstance(m, nn.GRU) for m in model.modules()):
+            stack.enter_context(side_by_side())
+        yield
 
 
-class TaggerModule(_ValidationLoss, _KeepsFreedMemory):
+class TaggerModule(_ValidationLoss, L.LightningModule):
     """Supervised multi-label training of a GRUTagger or TransformerTagger."""
 
     def __init__(
@@ -230,7 +226,7 @@ class TaggerModule(_ValidationLoss, _KeepsFreedMemory):
         return _adam_with_plateau(self, self.train_config)
 
 
-class PretrainModule(_ValidationLoss, _KeepsFreedMemory):
+class PretrainModule(_ValidationLoss, L.LightningModule):
     """Masked-frame pretraining of a TransformerTagger's encoder.
 
     Masked real frames (random spans, replaced by a learned mask vector; or, with masking="reference",

@@ -8,6 +8,7 @@ A run folder holds everything a run made:
     RUN/settings.json           the settings a resume must repeat (split, seed, crops, optimiser and loss, store)
     RUN/logs/metrics.csv        train_loss, val_loss and lr per epoch (TensorBoard too, if installed)
     RUN/checkpoints/last.ckpt   for `--resume` after an interruption; best.ckpt
+                                (a NaN or inf loss stops the run before it reaches either: genreclf.nonfinite)
 
 Under DDP (torchrun or srun launch one process per device; Lightning reads their environment) every
 process runs `train` and shares each batch (genreclf.data); process 0 alone writes the run folder.
@@ -42,9 +43,10 @@ from genreclf.config import FitConfig, PretrainConfig, TrainConfig
 from genreclf.data import CropBatchSampler, EvenCropSampler, split_positions
 from genreclf.datamodule import RunData, check_cache
 from genreclf.errors import GenreclfError, first_line
-from genreclf.lightning_modules import PretrainModule, TaggerModule
+from genreclf.lightning_modules import PretrainModule, TaggerModule, cpu_fit
 from genreclf.modelfile import ModelFile, save_tensors
 from genreclf.models import GRUConfig, ModelConfig, TransformerConfig, config_from_dict, count_parameters
+from genreclf.nonfinite import NonFiniteLoss, StopOnNonFinite
 from genreclf.progress import hms
 from genreclf.provenance import git_revision
 from genreclf.store import FeatureStore
@@ -346,6 +348,8 @@ def _trainer(run_dir: Path, fit: FitConfig, progress: bool, extra: Sequence[Call
             enable_version_counter=False,
         ),
         EpochLog(fit.epochs, run_dir / "logs" / "metrics.csv", fit.seed),
+        # Stops at a NaN or inf loss before the step or the epoch's checkpoints (Lightning calls those last).
+        StopOnNonFinite(run_dir / "checkpoints" / "last.ckpt"),
         *extra,
     ]
     if fit.early_stopping:
@@ -415,19 +419,28 @@ def _quiet_lightning() -> Iterator[None]:
 def _fit(run: _Run, module: L.LightningModule) -> L.LightningModule:
     """Run Lightning's fit; return the best epoch's module (by val_loss) on process 0, `module` on the others."""
     grouped = _process_group()  # one the caller made before: theirs to end
-    with _quiet_lightning():
-        # weights_only: our checkpoints hold plain values and tensors; anything else could run code.
-        run.trainer.fit(module, datamodule=run.data, ckpt_path=run.ckpt, weights_only=True)
-        best_path = run.trainer.checkpoint_callback.best_model_path
-        if best_path and run.trainer.is_global_zero:  # the others write nothing, so need no best model
-            module = type(module).load_from_checkpoint(best_path, map_location="cpu", weights_only=True)
+    try:
+        cpu = run.trainer.strategy.root_device.type == "cpu"
+        with _quiet_lightning(), cpu_fit(module) if cpu else contextlib.nullcontext():
+            # weights_only: our checkpoints hold plain values and tensors; anything else could run code.
+            run.trainer.fit(module, datamodule=run.data, ckpt_path=run.ckpt, weights_only=True)
+            best_path = run.trainer.checkpoint_callback.best_model_path
+            if best_path and run.trainer.is_global_zero:  # the others write nothing, so need no best model
+                module = type(module).load_from_checkpoint(best_path, map_location="cpu", weights_only=True)
+    except NonFiniteLoss:  # raised by every process at the same step: they end the group together too
+        _end_process_group(grouped)
+        raise
+    _end_process_group(grouped)
+    return module
+
+
+def _end_process_group(grouped: bool) -> None:
     if not grouped and _process_group():
         # Lightning's DDP process group, ended by all the processes together once the fit is over: left to the
         # interpreter's exit, gloo's threads now and then aborted a process ("terminate called without an
         # active exception", seen once in a test run of 2 processes).
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
-    return module
 
 
 def _process_group() -> bool:
