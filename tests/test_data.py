@@ -1,10 +1,63 @@
 import numpy as np
+import pandas as pd
 import pytest
+import torch
 
+from genreclf.audio import N_FRAMES, N_MELS, SignalConfig
 from genreclf.crops import crop_starts
-from genreclf.data import CropBatchSampler, EvenCropSampler, collate, loader, split_positions
+from genreclf.data import (
+    CropBatchSampler,
+    CropDataset,
+    DeviceFeatures,
+    EvenCropSampler,
+    collate,
+    loader,
+    read_batch,
+    split_positions,
+)
 from genreclf.errors import GenreclfError
-from genreclf.store import FeatureStore
+from genreclf.metadata import load_genres
+from genreclf.store import FeatureStore, PartWriter, StoreHeader, part_name
+
+JUNK = 7.0  # what the parts store holds beyond a clip's real frames: a reader that pads with it is caught
+
+
+@pytest.fixture(scope="module")
+def parts_path(tmp_path_factory):
+    """A store of 2 parts written by PartWriter: clips of 20-938 real frames, a failed row in each part, and
+    track ids shuffled across the parts, so that store positions (by track id) interleave parts and rows."""
+    path = tmp_path_factory.mktemp("parts") / "store"
+    genres, rng = load_genres(), np.random.default_rng(0)
+    header = StoreHeader(
+        signal=SignalConfig(),
+        genres=list(genres.names),
+        genre_ids=[int(i) for i in genres.ids],
+        genre_parents=[int(i) for i in genres.parents],
+        genre_top_level=[int(i) for i in genres.top_level],
+        labels="genres",
+        subset="large",
+        n_parts=2,
+        source="tests (random features)",
+    )
+    path.mkdir()
+    (path / "store.json").write_text(header.to_json())
+    ids = rng.permutation(np.arange(1, 28))
+    for k, part_ids in enumerate((ids[:13], ids[13:])):
+        plan = pd.DataFrame(
+            {"track_id": part_ids, "split": "training", "artist_id": 1, "genre_top": "", "path": "x.mp3"}
+        )
+        targets = (rng.random((len(plan), len(genres.names))) < 0.05).astype(np.uint8)
+        writer = PartWriter(path / part_name(k, 2), plan, targets, N_FRAMES, N_MELS)
+        for row in range(len(plan)):
+            if row == 3:
+                writer.fail(row, "test")
+                continue
+            valid = int(rng.choice([20, 60, 200, 500, N_FRAMES])) if row % 2 else int(rng.integers(20, N_FRAMES))
+            features = np.full((N_FRAMES, N_MELS), JUNK, np.float16)
+            features[:valid] = rng.standard_normal((valid, N_MELS))
+            writer.write(row, features, valid)
+        writer.finish()
+    return path
 
 
 def test_crop_batches_are_reproducible_and_within_real_frames():
@@ -111,3 +164,67 @@ def test_crop_starts() -> None:
         crop_starts(938, 0, 3)
     with pytest.raises(GenreclfError):
         crop_starts(938, 300, 0)
+
+
+def _per_item(store: FeatureStore, items: list[tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """A batch as the per-item path reads it: one CropDataset call per crop, then collate."""
+    dataset = CropDataset(store)
+    return collate([dataset[item] for item in items])
+
+
+def _assert_same_batch(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert list(got) == list(want)
+    for key in want:
+        assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), key
+
+
+def _samplers(store: FeatureStore) -> list:
+    """Training batches with crops longer than some clips (padding), and DDP validation shares (counted=0)."""
+    positions = np.arange(len(store))
+    train = CropBatchSampler(store.valid_frames, positions, 6, 16, 600, seed=1)
+    return [train, *(EvenCropSampler(store.valid_frames, positions, 8, 300, rank=r, world_size=4) for r in range(4))]
+
+
+@pytest.mark.parametrize("which", ["fixture", "parts"])
+def test_batches_read_whole_equal_the_per_item_path(store_dir, parts_path, which):
+    store = FeatureStore.open(store_dir if which == "fixture" else parts_path)
+    padded = uncounted = 0
+    for sampler in _samplers(store):
+        for items in sampler:
+            batch = read_batch(store, items)
+            _assert_same_batch(batch, _per_item(store, items))
+            padded += len(set(batch["lengths"].tolist())) > 1
+            uncounted += int((~batch["counted"]).sum())
+    assert uncounted and (padded or which == "fixture")  # the fixture's clips are all 4 s: none is padded
+    if which == "parts":
+        assert store.header.n_parts == 2 and len(set(store.parts[:6])) == 2  # positions interleave the parts
+        whole = [(p, 0, int(v)) for p, v in enumerate(store.valid_frames)]  # every clip, its real frames
+        x = read_batch(store, whole)["x"]
+        real = torch.arange(N_FRAMES)[None, :] < torch.from_numpy(store.valid_frames)[:, None]
+        assert x.shape[1] == N_FRAMES and not real.all()
+        assert not (x[~real] != 0).any() and (x[real] != 0).all()  # the junk beyond real frames is never read
+    # The DataLoader, with a worker process, yields the same batches.
+    sampler = _samplers(store)[0]
+    for batch, items in zip(loader(store, sampler, workers=1), list(_samplers(store)[0])):
+        _assert_same_batch(batch, _per_item(store, items))
+
+
+def test_device_features_cut_the_crops_the_store_holds(parts_path):
+    store = FeatureStore.open(parts_path)
+    features = DeviceFeatures(store, "cpu")  # the code that runs on the GPU with --cache gpu
+    assert features.nbytes == len(store) * N_FRAMES * N_MELS * 2 and features.features.dtype == torch.float16
+    for sampler in _samplers(store):
+        for items in sampler:
+            index = read_batch(store, items, index_only=True)
+            assert list(index) == ["position", "start", "lengths", "y", "counted"]
+            x = features.crops(index["position"], index["start"], index["lengths"])
+            _assert_same_batch({"x": x, **{k: index[k] for k in ("lengths", "y", "counted")}}, read_batch(store, items))
+
+
+def test_a_store_read_into_memory_reads_the_same_batches(parts_path):
+    mapped, held = FeatureStore.open(parts_path), FeatureStore.open(parts_path)
+    assert held.features_bytes == 27 * N_FRAMES * N_MELS * 2  # failed rows included
+    held.read_into_memory()
+    assert held.in_memory and isinstance(mapped.item(0), np.memmap) and not isinstance(held.item(0), np.memmap)
+    for items in _samplers(held)[0]:
+        _assert_same_batch(read_batch(held, items), read_batch(mapped, items))

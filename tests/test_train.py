@@ -15,9 +15,14 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from genreclf.cli import main
 from genreclf.config import FitConfig, PretrainConfig, TrainConfig
-from genreclf.data import CropBatchSampler, loader, split_positions
+from genreclf.data import CropBatchSampler, EvenCropSampler, loader, split_positions
+from genreclf.datamodule import RunData, check_cache, check_fits, memory_available
 from genreclf.errors import GenreclfError
+from genreclf.lightning_modules import TaggerModule
+from genreclf.modelfile import ModelFile
+from genreclf.models import GRUConfig
 from genreclf.store import FeatureStore
 from genreclf.train import EpochLog, _trainer, pretrain, train
 
@@ -193,3 +198,102 @@ def test_no_progress_bar_when_output_is_not_a_terminal(store_dir, tmp_path, capf
     out, err = capfd.readouterr()
     assert "\r" not in out and "\r" not in err  # Lightning's bar draws on stdout
     assert "epoch 1/2" in err and "epoch 2/2" in err  # EpochLog's line per epoch instead
+
+
+def _losses(run: Path) -> list[tuple[str, str]]:
+    return [(r["train_loss"], r["val_loss"]) for r in rows(run / "logs" / "metrics.csv")[1]]
+
+
+def test_cache_ram_trains_as_the_memory_map_and_a_resume_may_change_the_cache(runs, store_dir, tmp_path, caplog):
+    # The same seed reads the same batches from memory: the same losses and weights, to the bit.
+    held, resumed = tmp_path / "ram", tmp_path / "resumed"
+    with caplog.at_level(logging.INFO, logger="genreclf"):
+        train(store_dir, held, dataclasses.replace(FIT, workers=1, cache="ram"), OPTIM, progress=False)
+    assert "GB of features read into memory in" in caplog.text  # RunData.setup read them
+    train(store_dir, resumed, dataclasses.replace(FIT, epochs=1, workers=0), OPTIM, progress=False)
+    changed = dataclasses.replace(FIT, workers=0, cache="ram", precision="32")
+    train(store_dir, resumed, changed, OPTIM, resume=True, progress=False)
+    mapped = runs["root"] / "w0"
+    want = ModelFile.load(mapped / "model.safetensors").model.state_dict()
+    for run in (held, resumed):
+        assert _losses(run) == _losses(mapped) and len(_losses(run)) == 2
+        got = ModelFile.load(run / "model.safetensors").model.state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_crops_cut_on_the_device_train_as_the_memory_map(store_dir, tmp_path):
+    # --cache gpu's path on the CPU: index batches from the loader, crops cut in transfer_batch_to_device.
+    store = FeatureStore.open(store_dir)
+    train_pos, val_pos = split_positions(store, "training"), split_positions(store, "validation")
+    fit = dataclasses.replace(FIT, epochs=1)
+    seen, losses = {}, {}
+    for cache in ("none", "gpu"):
+        sampler = CropBatchSampler(store.valid_frames, train_pos, fit.batch_size, fit.min_crop, fit.max_crop, fit.seed)
+        data = RunData(store, sampler, EvenCropSampler(store.valid_frames, val_pos, 8, 256), cache=cache)
+        batches = Batches()
+        trainer = _trainer(tmp_path / cache, fit, progress=False, extra=[batches])
+        torch.manual_seed(0)
+        trainer.fit(TaggerModule(GRUConfig(), OPTIM), datamodule=data)
+        seen[cache], losses[cache] = batches.seen[0], {k: float(v) for k, v in trainer.callback_metrics.items()}
+        assert data.loaders[0].dataset.index_only == (cache == "gpu") and data.device_features is None  # freed
+    assert losses["gpu"] == losses["none"] and set(losses["gpu"]) >= {"train_loss", "val_loss"}
+    assert len(seen["gpu"]) == len(seen["none"]) == len(sampler)
+    for got, want in zip(seen["gpu"], seen["none"]):
+        assert list(got) == list(want) == ["x", "lengths", "y", "counted"]
+        assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_cache_errors_are_one_line(store_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    for accelerator in ("auto", "cpu"):  # this machine has no CUDA GPU
+        argv = ["train", "--model", "gru", "--store", str(store_dir), "--out", str(out), "--accelerator", accelerator]
+        assert main([*argv, "--cache", "gpu"]) == 2
+        err = capsys.readouterr().err
+        assert "--cache gpu holds the features on the training GPU, but no CUDA GPU is available" in err
+        assert err.count("\n") == 1 and not out.exists()  # refused before anything was written
+    store = FeatureStore.open(store_dir)
+    with pytest.raises(GenreclfError, match=r"^--cache ram needs [0-9.]+ GB of memory \(1000000 processes x "):
+        check_cache(store, "ram", torch.device("cpu"), processes=10**6)
+    check_cache(store, "ram", torch.device("cpu"), processes=1)  # 30 clips fit
+    with pytest.raises(GenreclfError, match="needs 3.0 GB on cuda:0 but 2.0 GB is available; use --cache ram"):
+        check_fits(3 * 10**9, 2 * 10**9, "gpu", "on cuda:0", "--cache ram")
+    check_fits(3 * 10**9, None, "gpu", "on cuda:0", "--cache ram")  # unknown: not refused
+    assert memory_available() > 0
+    with pytest.raises(GenreclfError, match="unknown cache 'disk'; use one of none, ram, gpu"):
+        FitConfig(cache="disk")
+    with pytest.raises(GenreclfError, match="unknown precision '16'"):
+        FitConfig(precision="16")
+    with pytest.raises(SystemExit):
+        main(["train", "--model", "gru", "--store", str(store_dir), "--out", str(out), "--precision", "64"])
+
+
+class Autocast(Callback):
+    """Records, for each forward pass of the model in training, whether CPU autocast was on and its dtype."""
+
+    def __init__(self) -> None:
+        self.seen: set[tuple[bool, torch.dtype]] = set()
+
+    def on_fit_start(self, trainer, module) -> None:
+        def hook(*_) -> None:
+            if module.training:
+                self.seen.add((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+
+        module.model.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("model", ["gru", "transformer"])
+def test_bf16_mixed_precision_trains_on_the_cpu(store_dir, tmp_path, model):
+    # The CPU fast paths (oneDNN layers, fastgru's layer) run under autocast, in float32.
+    assert _trainer(tmp_path, FitConfig(), progress=False).precision == "32-true"  # auto, without a CUDA GPU
+    autocast = Autocast()
+    fit = dataclasses.replace(FIT, model=model, epochs=1, workers=0, min_crop=32, max_crop=64)
+    result = train(
+        store_dir,
+        tmp_path / "run",
+        dataclasses.replace(fit, precision="bf16-mixed"),
+        OPTIM,
+        progress=False,
+        callbacks=[autocast],
+    )
+    assert autocast.seen == {(True, torch.bfloat16)} and math.isfinite(result.best_val_loss)
+    assert all(math.isfinite(float(v)) for pair in _losses(tmp_path / "run") for v in pair)

@@ -11,6 +11,11 @@ from dataclasses import dataclass, fields
 from genreclf.errors import GenreclfError
 
 SPLITS = ("official", "reference")  # FMA's artist-filtered set.split, or the reference study's random 80/20
+# Where training reads the store's features: memory-mapped (none), read into process memory once (ram), or
+# held on the training GPU, the crops cut there (gpu).
+CACHES = ("none", "ram", "gpu")
+# Lightning precisions; "auto": bf16-mixed on a CUDA GPU that supports bfloat16 (Ampere and later), else 32.
+PRECISIONS = ("auto", "32", "bf16-mixed")
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,14 @@ class FitConfig:
     devices: str = "1"  # Lightning devices per machine: 1 unless asked ("auto" takes every GPU); "4" for DDP on 4 GPUs
     num_nodes: int = 1  # machines; devices x num_nodes processes (launched by torchrun or srun) share each batch
     strategy: str = "auto"  # Lightning strategy: auto, or ddp (one process per device; gloo on CPU, NCCL on GPU)
+    cache: str = "none"  # one of CACHES: "none" memory-maps the store; "ram" and "gpu" hold it whole
+    precision: str = "auto"  # one of PRECISIONS: "auto" is bf16-mixed on a bfloat16 CUDA GPU, 32 elsewhere
+
+    def __post_init__(self) -> None:
+        if self.cache not in CACHES:
+            raise GenreclfError(f"unknown cache {self.cache!r}; use one of {', '.join(CACHES)}")
+        if self.precision not in PRECISIONS:
+            raise GenreclfError(f"unknown precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
 
 
 # The training losses (genreclf.losses; README "Losses") and the TrainConfig fields that are each one's parameters.

@@ -64,7 +64,7 @@ class StopOnNonFinite(Callback):
         what = f"training loss is {loss}" if not math.isfinite(loss) else "training gradients are not finite"
         what += f" in epoch {trainer.current_epoch + 1}, batch {self.batch_idx + 1} of {trainer.num_training_batches}"
         # The batch drawn again, by copies of the epoch's sampler: under DDP every process's share of it
-        shares = _every_share(trainer.train_dataloader.batch_sampler, epoch=trainer.current_epoch)
+        shares = _every_share(trainer.train_dataloader.sampler, epoch=trainer.current_epoch)
         batches = [next(itertools.islice(iter(share), self.batch_idx, None)) for share in shares]
         self._stop(trainer, what, trainer.train_dataloader.dataset.store, batches)
 
@@ -73,7 +73,7 @@ class StopOnNonFinite(Callback):
         if loss is not None and not torch.isfinite(loss):
             loader = trainer.val_dataloaders
             what = f"validation loss is {float(loss)} after epoch {trainer.current_epoch + 1}"
-            batches = itertools.chain.from_iterable(_every_share(loader.batch_sampler))
+            batches = itertools.chain.from_iterable(_every_share(loader.sampler))
             self._stop(trainer, what, loader.dataset.store, batches)
 
     def _stop(self, trainer, what: str, store: FeatureStore, batches: Iterable[list[tuple[int, ...]]]) -> NoReturn:
@@ -95,7 +95,10 @@ class StopOnNonFinite(Callback):
 
 
 def _every_share(sampler, **state) -> list:
-    """Return copies of a process's batch sampler, one for each DDP process (rank), with attributes `state`."""
+    """Return copies of a process's batch sampler, one for each DDP process (rank), with attributes `state`.
+
+    genreclf.data.loader's `sampler` yields whole batches (its DataLoader has no batch_sampler of its own).
+    """
     copies = [copy.copy(sampler) for _ in range(sampler.world_size)]
     for rank, share in enumerate(copies):
         vars(share).update(state, rank=rank)

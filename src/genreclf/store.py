@@ -210,9 +210,12 @@ class FeatureStore:
         self.split = index["split"].to_numpy(str)
         self.artist_ids = index["artist_id"].to_numpy(np.int64)
         self.targets = targets  # uint8 (tracks, genres), aligned with track_ids
+        self.parts = index["part"].to_numpy(np.int64)  # where each track's features are: part ...
+        self.rows = index["row"].to_numpy(np.int64)  # ... and row in it
         self.failed = failed
         self._position = {int(t): i for i, t in enumerate(self.track_ids)}
         self._features: list[np.ndarray] | None = None
+        self.in_memory = False  # True once read_into_memory() replaced the memory maps
 
     @classmethod
     def open(cls, path: str | Path) -> FeatureStore:
@@ -248,8 +251,9 @@ class FeatureStore:
         return len(self.track_ids)
 
     def __getstate__(self) -> dict:
-        # DataLoader workers get the labels and reopen the memory maps themselves.
-        return dict(self.__dict__, _features=None)
+        # DataLoader workers get the labels and reopen the memory maps themselves (forked workers, Linux's
+        # default, are not pickled: they share a store read into memory, copy-on-write).
+        return dict(self.__dict__, _features=None, in_memory=False)
 
     def _maps(self) -> list[np.ndarray]:
         if self._features is None:
@@ -259,10 +263,39 @@ class FeatureStore:
             ]
         return self._features
 
+    @property
+    def frame_shape(self) -> tuple[int, int]:
+        """Return (frames, mels) of a track's features."""
+        return tuple(self._maps()[0].shape[1:])
+
+    @property
+    def features_bytes(self) -> int:
+        """Return the size of the features arrays of every part (failed rows included): what memory would hold."""
+        return sum(m.nbytes for m in self._maps())
+
+    def read_into_memory(self) -> None:
+        """Replace the memory maps by in-memory copies of the features (features_bytes of process memory)."""
+        if not self.in_memory:
+            self._features = [np.array(m) for m in self._maps()]
+            self.in_memory = True
+
+    def gather(self, positions: np.ndarray, frames: np.ndarray) -> np.ndarray:
+        """Return float16 (B, L, mels) features: row i holds frames[i] (B, L) of the track at positions[i].
+
+        One fancy-indexed read per part the tracks are in, not one call per track.
+        """
+        maps, parts, rows = self._maps(), self.parts[positions], self.rows[positions]
+        if len(maps) == 1:
+            return maps[0][rows[:, None], frames]
+        out = np.empty((*frames.shape, maps[0].shape[2]), np.float16)
+        for k in np.unique(parts):
+            mine = parts == k
+            out[mine] = maps[k][rows[mine, None], frames[mine]]
+        return out
+
     def item(self, i: int) -> np.ndarray:
         """Return the (frames, mels) float16 features of the i-th track (a memory-mapped view)."""
-        part, row = int(self.index.at[i, "part"]), int(self.index.at[i, "row"])
-        return self._maps()[part][row]
+        return self._maps()[self.parts[i]][self.rows[i]]
 
     def position(self, track_id: int) -> int:
         """Return the position of `track_id` in track_ids."""

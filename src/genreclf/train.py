@@ -40,7 +40,8 @@ from genreclf import __version__
 from genreclf.atomic import atomic_write_text
 from genreclf.calibrate import describe, validation_thresholds
 from genreclf.config import FitConfig, PretrainConfig, TrainConfig
-from genreclf.data import CropBatchSampler, EvenCropSampler, loader, split_positions
+from genreclf.data import CropBatchSampler, EvenCropSampler, split_positions
+from genreclf.datamodule import RunData, check_cache
 from genreclf.errors import GenreclfError, first_line
 from genreclf.lightning_modules import PretrainModule, TaggerModule, cpu_fit
 from genreclf.modelfile import ModelFile, save_tensors
@@ -139,7 +140,7 @@ class _Run:
     run_dir: Path
     ckpt: Path | None  # last.ckpt to resume from
     trainer: L.Trainer
-    loaders: tuple
+    data: RunData  # the training and validation loaders, and the cache
     counts: tuple[int, int]  # training and validation tracks
     model_config: ModelConfig
 
@@ -175,6 +176,8 @@ def _prepare(
     with _quiet_lightning():
         trainer = _trainer(run_dir, fit, progress, callbacks)  # knows this process's rank and the world size
     rank, world = trainer.global_rank, trainer.world_size
+    device = trainer.strategy.root_device
+    check_cache(store, fit.cache, device, trainer.num_devices)  # before anything is written
     defaults = _setting_defaults(optim)
     _check_settings(run_dir, _settings(store, fit, optim), resume, write=trainer.is_global_zero, defaults=defaults)
     L.seed_everything(fit.seed, workers=True, verbose=False)
@@ -194,9 +197,17 @@ def _prepare(
         first_epoch=next_epoch,
     )
     val_sampler = EvenCropSampler(store.valid_frames, val_pos, fit.batch_size, fit.val_crop, rank, world)
-    loaders = loader(store, sampler, fit.workers), loader(store, val_sampler, fit.workers)
+    data = RunData(store, sampler, val_sampler, fit.workers, fit.cache, pin_memory=device.type == "cuda")
+    if trainer.is_global_zero:
+        log.info(
+            "features %s; precision %s",
+            {"none": "memory-mapped", "ram": "read into memory", "gpu": f"held on {device}"}[fit.cache],
+            trainer.precision,
+        )
+        if fit.cache == "gpu" and fit.workers:
+            log.info("--cache gpu: index batches are made in the training process, --workers %d unused", fit.workers)
     counts = len(train_pos), len(val_pos)
-    return _Run(store, run_dir, last if resume else None, trainer, loaders, counts, model_config)
+    return _Run(store, run_dir, last if resume else None, trainer, data, counts, model_config)
 
 
 def _check_resumable(last: Path, model_config: ModelConfig) -> int:
@@ -227,8 +238,19 @@ def _check_resumable(last: Path, model_config: ModelConfig) -> int:
 
 
 # May change on --resume. The processes (devices x num_nodes) may: batch_size is the global batch, the same
-# batches whatever their number (genreclf.data), and batch_size itself may not change.
-RESUMABLE = ("epochs", "workers", "early_stopping", "accelerator", "devices", "num_nodes", "strategy")
+# batches whatever their number (genreclf.data), and batch_size itself may not change. Every cache reads the
+# same batches; precision, like the accelerator, changes the arithmetic only.
+RESUMABLE = (
+    "epochs",
+    "workers",
+    "early_stopping",
+    "accelerator",
+    "devices",
+    "num_nodes",
+    "strategy",
+    "cache",
+    "precision",
+)
 
 
 def _settings(store: FeatureStore, fit: FitConfig, optim: TrainConfig | PretrainConfig) -> dict:
@@ -345,6 +367,7 @@ def _trainer(run_dir: Path, fit: FitConfig, progress: bool, extra: Sequence[Call
             devices=fit.devices,
             num_nodes=fit.num_nodes,
             strategy=fit.strategy,
+            precision=_precision(fit),
             logger=loggers or False,
             callbacks=callbacks,
             enable_progress_bar=bar,
@@ -357,8 +380,18 @@ def _trainer(run_dir: Path, fit: FitConfig, progress: bool, extra: Sequence[Call
     except (MisconfigurationException, TypeError, ValueError, RuntimeError) as e:
         raise GenreclfError(
             f"cannot use --accelerator {fit.accelerator} --devices {fit.devices} --num-nodes {fit.num_nodes} "
-            f"--strategy {fit.strategy}: {first_line(e, None)}"
+            f"--strategy {fit.strategy} --precision {fit.precision}: {first_line(e, None)}"
         ) from None
+
+
+def _precision(fit: FitConfig) -> str:
+    """Return the Lightning precision of fit.precision: "auto" is bf16-mixed on a bfloat16 CUDA GPU, else 32."""
+    if fit.precision != "auto":
+        return fit.precision
+    cuda = fit.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    # Native bfloat16 only (Ampere and later): emulated, it is slower than float32. This reads the device's
+    # properties without allocating on it.
+    return "bf16-mixed" if cuda and torch.cuda.is_bf16_supported(including_emulation=False) else "32"
 
 
 @contextlib.contextmanager
@@ -390,7 +423,7 @@ def _fit(run: _Run, module: L.LightningModule) -> L.LightningModule:
         cpu = run.trainer.strategy.root_device.type == "cpu"
         with _quiet_lightning(), cpu_fit(module) if cpu else contextlib.nullcontext():
             # weights_only: our checkpoints hold plain values and tensors; anything else could run code.
-            run.trainer.fit(module, *run.loaders, ckpt_path=run.ckpt, weights_only=True)
+            run.trainer.fit(module, datamodule=run.data, ckpt_path=run.ckpt, weights_only=True)
             best_path = run.trainer.checkpoint_callback.best_model_path
             if best_path and run.trainer.is_global_zero:  # the others write nothing, so need no best model
                 module = type(module).load_from_checkpoint(best_path, map_location="cpu", weights_only=True)
