@@ -1042,7 +1042,10 @@ def _add_schedule(p: argparse.ArgumentParser, optimiser: type) -> None:
         help="epochs without improvement before the learning rate is divided by 10",
     )
     p.add_argument(
-        "--workers", type=_count, default=_default(FitConfig, "workers"), help="data loader processes (0: none)"
+        "--workers",
+        type=_count,
+        default=_default(FitConfig, "workers"),
+        help="data loader processes (default: 0 on the CPU, where they slow training down; 1 on a GPU)",
     )
     p.add_argument(
         "--cache",

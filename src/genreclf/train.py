@@ -197,7 +197,8 @@ def _prepare(
         first_epoch=next_epoch,
     )
     val_sampler = EvenCropSampler(store.valid_frames, val_pos, fit.batch_size, fit.val_crop, rank, world)
-    data = RunData(store, sampler, val_sampler, fit.workers, fit.cache, pin_memory=device.type == "cuda")
+    workers = fit.workers if fit.workers is not None else int(device.type != "cpu")
+    data = RunData(store, sampler, val_sampler, workers, fit.cache, pin_memory=device.type == "cuda")
     if trainer.is_global_zero:
         log.info(
             "features %s; precision %s",
@@ -205,7 +206,7 @@ def _prepare(
             trainer.precision,
         )
         if fit.cache == "gpu" and fit.workers:
-            log.info("--cache gpu: index batches are made in the training process, --workers %d unused", fit.workers)
+            log.info("--cache gpu: index batches are made in the training process, --workers %d unused", workers)
     counts = len(train_pos), len(val_pos)
     return _Run(store, run_dir, last if resume else None, trainer, data, counts, model_config)
 
