@@ -65,15 +65,19 @@ class Ours:
 
     def __init__(self, kind: str, ddp: bool = False):
         torch.manual_seed(0)
-        module = TaggerModule(CONFIGS[kind]())
-        self.model = module.model.train()
-        self.opt = module.configure_optimizers()["optimizer"]  # training's: Adam(1e-5, eps 1e-7), fused on the CPU
+        self.module = TaggerModule(CONFIGS[kind]())  # the reference's loss: BCE, positives weighted 4
+        self.model = self.module.model.train()
+        self.opt = self.module.configure_optimizers()["optimizer"]  # Adam(1e-5, eps 1e-7), fused on the CPU
         # DDP as Lightning wraps the model: gradients averaged over the processes in the backward pass.
-        self.forward = torch.nn.parallel.DistributedDataParallel(self.model) if ddp else self.model
+        self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if ddp else None
 
     def step(self, x: np.ndarray, y: np.ndarray) -> None:
         self.opt.zero_grad(set_to_none=True)
-        loss = weighted_bce(self.forward(torch.from_numpy(x)), torch.from_numpy(y), 4.0)
+        x, y = torch.from_numpy(x), torch.from_numpy(y)
+        if self.ddp is not None:
+            loss = weighted_bce(self.ddp(x), y, 4.0)
+        else:  # as training_step: within cpu_fit, a Transformer's batch in two halves side by side
+            loss = self.module.batch_loss({"x": x, "y": y})
         loss.backward()
         self.opt.step()
 
@@ -115,7 +119,7 @@ def _ddp_rank(kind: str, rank: int, port: int, conn) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     runner = Ours(kind, ddp=True)
-    with cpu_fit(runner.model):
+    with cpu_fit(runner.module):
         # Rank 0 takes the requests and hands them on; it times the steps of both, between barriers.
         while (msg := _broadcast(conn.recv() if rank == 0 else None)) is not None:
             data = batches(*msg)
@@ -159,7 +163,7 @@ def worker(impl: str, kind: str, threads: int, conn) -> None:
         runner = Ours(kind)
         conn.send(0.0)
     # As genreclf's training does (TaggerModule.on_fit_start); TensorFlow has its own caching allocator.
-    with cpu_fit(runner.model) if impl == "ours" else contextlib.nullcontext():
+    with cpu_fit(runner.module) if impl == "ours" else contextlib.nullcontext():
         while (msg := conn.recv()) is not None:
             lengths, seed = msg
             data = batches(lengths, seed)

@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from genreclf.fastgru import _BiGRULayer, _directions, fast_gru, side_by_side
+from genreclf.fastgru import _BiGRULayer, _directions, fast_gru
 from genreclf.losses import weighted_bce
 from genreclf.models import GRUConfig, GRUTagger, init_keras_style
+from genreclf.twin import side_by_side
 
 
 def _grads(gru: nn.GRU, out: torch.Tensor, weight: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -105,18 +106,6 @@ def test_side_by_side_runs_the_directions_on_two_threads_with_nn_grus_function(t
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=0, msg=name)
-
-
-def test_an_error_in_the_other_direction_reaches_the_caller(two_torch_threads):
-    def fail(which):
-        if which == "reverse":
-            raise ValueError("reverse failed")
-        return which
-
-    with side_by_side(), pytest.raises(ValueError, match="reverse failed"):
-        _directions(fail, ("forward",), ("reverse",))
-    with side_by_side():  # and the thread serves the next call
-        assert _directions(fail, ("a",), ("b",)) == ("a", "b")
 
 
 def test_side_by_side_is_a_no_op_with_one_thread():

@@ -16,17 +16,14 @@ Padded batches (lengths < frames) still go through nn.GRU with packing.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import queue
-import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from genreclf import twin
 from genreclf.fastops import dropout, onednn_linear, onednn_mm_t, use_onednn
 
 
@@ -143,82 +140,13 @@ _forward_steps, _backward_steps = _script(_forward_steps), _script(_backward_ste
 _SCRIPTED = isinstance(_forward_steps, torch.jit.ScriptFunction)  # else the loops hold the GIL: no second thread
 
 
-class _Twin:
-    """A second thread that runs the other direction beside the caller's."""
-
-    def __init__(self):
-        self.pid, self.jobs = os.getpid(), queue.SimpleQueue()
-        threading.Thread(target=self._serve, name="genreclf-gru-direction", daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            fn, args, threads, done = self.jobs.get()
-            try:
-                if torch.get_num_threads() != threads:  # intra-op threads are set per thread
-                    torch.set_num_threads(threads)
-                with torch.no_grad():  # grad mode is per thread too: the caller's (in an autograd.Function) is off
-                    done.put((fn(*args), None))
-            except BaseException as e:  # noqa: BLE001 (handed to the caller)
-                done.put((None, e))
-
-    def pair(self, fn: Callable, mine: tuple, theirs: tuple, threads: int) -> tuple[Any, Any]:
-        """Run fn(*mine) here and fn(*theirs) there, `threads` intra-op threads between them; return both."""
-        done: queue.SimpleQueue = queue.SimpleQueue()
-        self.jobs.put((fn, theirs, threads - threads // 2, done))
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads // 2)
-        try:
-            result = fn(*mine)
-        finally:
-            other, error = done.get()  # always: the other direction writes into this call's tensors
-            torch.set_num_threads(before)
-        if error is not None:
-            raise error
-        return result, other
-
-
-_twin: _Twin | None = None
-_fit_threads = 0  # within side_by_side(): the process's intra-op threads, shared by the two directions
-
-
-@contextlib.contextmanager
-def side_by_side() -> Iterator[bool]:
-    """Within the block, the process's intra-op threads are split in two halves, one per GRU direction.
-
-    For the length of a CPU fit (genreclf.lightning_modules.cpu_fit): the process keeps half its threads
-    (1 of 2) for everything, and the second direction of every layer runs on a thread of its own with the
-    other half, as Keras runs its Bidirectional GRU. Outside it, the directions are paired within each layer
-    only, and on 2 cores a team of 2 that the ops before left spinning (libgomp waits actively for a few ms)
-    takes turns with the second direction (measured: up to 20% slower at crop 128). Yields whether the
-    directions run side by side; a no-op in a process of one thread.
-    """
-    global _fit_threads
-    threads = torch.get_num_threads()
-    if threads < 2 or _fit_threads or not _SCRIPTED:
-        yield bool(_fit_threads)
-        return
-    torch.set_num_threads(threads // 2)
-    _fit_threads = threads
-    try:
-        yield True
-    finally:
-        _fit_threads = 0
-        torch.set_num_threads(threads)
-
-
 def _directions(fn: Callable, forward: tuple, reverse: tuple) -> tuple[Any, Any]:
     """Run fn on both directions' arguments: side by side on two threads when torch has two, else in turn.
 
     Keras runs the two directions of its Bidirectional GRU concurrently too. The directions' loops are
-    TorchScript, which releases the GIL, so the two threads run in parallel.
+    TorchScript, which holds no GIL, so the two threads run in parallel; without it they run in turn.
     """
-    global _twin
-    threads = _fit_threads or torch.get_num_threads()
-    if not _SCRIPTED or threads < 2:
-        return fn(*forward), fn(*reverse)
-    if _twin is None or _twin.pid != os.getpid():  # a forked child has no thread of its parent's
-        _twin = _Twin()
-    return _twin.pair(fn, forward, reverse, threads)
+    return twin.pair(fn, forward, reverse) if _SCRIPTED else (fn(*forward), fn(*reverse))
 
 
 def _input_gates(x: Tensor, w_ih: Tensor, b_ih: Tensor) -> Tensor:

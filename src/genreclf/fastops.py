@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from genreclf import twin
+
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
@@ -115,7 +117,9 @@ def dropout_mask(shape: torch.Size, p: float, device: torch.device) -> Tensor:
     """Return a bool mask of `shape`, each element True (kept) with probability 1 - p (to within 2^-17)."""
     n = shape.numel()
     # Uniform over all 64 bits (random_() alone never sets the sign bit): four uniform int16 per draw.
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
+    # Drawn from this thread's generator, if genreclf.twin gave it one (reproducible runs on two threads).
+    generator = twin.thread_generator() if device.type == "cpu" else None
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None, generator=generator)
     return (bits.view(torch.int16)[:n] >= keep_threshold(p)).view(shape)
 
 

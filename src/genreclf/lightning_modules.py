@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning as L
@@ -18,13 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from genreclf import twin
 from genreclf.config import PretrainConfig, TrainConfig
 from genreclf.errors import GenreclfError
-from genreclf.fastgru import side_by_side
 from genreclf.fastops import keep_freed_memory
 from genreclf.losses import criterion
 from genreclf.models import (
     FrameReconstructionHead,
+    GRUTagger,
     ModelConfig,
     TransformerConfig,
     TransformerEncoder,
@@ -167,14 +168,58 @@ def _as_dataclass(cls: type, cfg: Any) -> Any:
 
 
 @contextlib.contextmanager
-def cpu_fit(model: nn.Module) -> Iterator[None]:
-    """What a fit on the CPU runs inside (genreclf.train): `keep_freed_memory` (no page faults for every
-    step's activations) and, for a GRU, `side_by_side` (its directions on two threads, one core each)."""
+def cpu_fit(module: nn.Module) -> Iterator[None]:
+    """What a fit of `module` on the CPU runs inside (genreclf.train): `keep_freed_memory` (no page faults for
+    every step's activations) and, where the fit has two halves of the work to run side by side (a GRU's
+    directions, a TaggerModule's batch halves), `twin.side_by_side` (one core each)."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(keep_freed_memory())
-        if any(isinstance(m, nn.GRU) for m in model.modules()):
-            stack.enter_context(side_by_side())
+        if isinstance(module, TaggerModule) or any(isinstance(m, nn.GRU) for m in module.modules()):
+            stack.enter_context(twin.side_by_side())
         yield
+
+
+class _GradientsOf(torch.autograd.Function):
+    """A loss of the given value whose backward gives `params` the gradients computed already (times its own)."""
+
+    @staticmethod
+    def forward(ctx: Any, value: Tensor, grads: tuple[Tensor | None, ...], *params: Tensor) -> Tensor:
+        ctx.grads = grads
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        # grad is 1 from Lightning's backward, NaN where genreclf.nonfinite has found the loss not finite
+        return None, None, *(None if g is None else g * grad for g in ctx.grads)
+
+
+def loss_in_halves(
+    loss: Callable[[dict[str, Tensor]], Tensor], batch: dict[str, Tensor], params: list[Tensor]
+) -> Tensor:
+    """Return loss(batch), a mean over the batch's clips, computed as two halves side by side (genreclf.twin).
+
+    Each half's loss (weighted by its share of the clips) and, with grad enabled, its gradients are computed on
+    a thread of its own, its dropout masks drawn from a generator seeded from torch's (so a run is reproducible);
+    the gradients are summed, the gradient of the whole batch's mean loss, as DDP's processes make it. The loss
+    returned gives `params` that gradient on backward.
+    """
+    n = len(batch["x"])
+    h = n // 2
+    halves = [{k: v[:h] for k, v in batch.items()}, {k: v[h:] for k, v in batch.items()}]
+    seeds = torch.randint(0, 2**62, (2,)).tolist()  # from torch's generator, in this thread: reproducible
+
+    def half(part: dict[str, Tensor], share: float, seed: int) -> tuple[Tensor, tuple[Tensor | None, ...]]:
+        with twin.generator(seed):
+            value = loss(part) * share
+        if not torch.is_grad_enabled():
+            return value, ()
+        return value.detach(), torch.autograd.grad(value, params, allow_unused=True)
+
+    (a, ga), (b, gb) = twin.pair(half, (halves[0], h / n, seeds[0]), (halves[1], (n - h) / n, seeds[1]))
+    if not torch.is_grad_enabled():
+        return a + b
+    grads = tuple(x if y is None else y if x is None else x + y for x, y in zip(ga, gb))
+    return _GradientsOf.apply(a + b, grads, *params)
 
 
 class TaggerModule(_ValidationLoss, L.LightningModule):
@@ -205,9 +250,16 @@ class TaggerModule(_ValidationLoss, L.LightningModule):
         logits = self.model(batch["x"], batch.get("lengths"))
         return self.criterion(logits, batch["y"])
 
+    def batch_loss(self, batch: dict[str, Tensor]) -> Tensor:
+        """Return the loss of a batch: in two halves side by side during a CPU fit, except for a GRU, whose two
+        directions run side by side already (genreclf.fastgru)."""
+        if twin.paired() and len(batch["x"]) > 1 and not isinstance(self.model, GRUTagger):
+            return loss_in_halves(self._loss, batch, [p for p in self.parameters() if p.requires_grad])
+        return self._loss(batch)
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """Return the training loss of one batch."""
-        loss = self._loss(batch)
+        loss = self.batch_loss(batch)
         _log_train_loss(self, loss, len(batch["x"]))
         return loss
 
@@ -216,7 +268,7 @@ class TaggerModule(_ValidationLoss, L.LightningModule):
         counted = _counted(batch)
         clips = int(counted.sum())
         # DDP's padding duplicates are left out; a rank's share of a tiny set can be duplicates only: 0 over 0 clips.
-        loss = self._loss({k: v[counted] for k, v in batch.items()}) if clips else batch["x"].new_zeros(())
+        loss = self.batch_loss({k: v[counted] for k, v in batch.items()}) if clips else batch["x"].new_zeros(())
         self._add_val_loss(loss, clips)
 
     def on_train_epoch_end(self) -> None:
