@@ -84,6 +84,15 @@ def store_dir(corpus, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture
+def two_torch_threads():
+    """Two torch threads for a test: genreclf.twin splits them between two threads of one core each."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One torch thread for a test module: on a loaded 2-core machine, 2 threads make GRU inference 100x slower."""

@@ -81,14 +81,6 @@ def test_refuses_a_gru_it_does_not_implement():
         fast_gru(nn.GRU(4, 4, batch_first=True), torch.randn(1, 3, 4))
 
 
-@pytest.fixture
-def two_torch_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_side_by_side_runs_the_directions_on_two_threads_with_nn_grus_function(two_torch_threads):
     torch.manual_seed(0)
     gru = nn.GRU(16, 8, num_layers=2, batch_first=True, bidirectional=True)

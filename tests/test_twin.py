@@ -13,14 +13,6 @@ from genreclf.models import TransformerConfig
 from genreclf.twin import pair, side_by_side
 
 
-@pytest.fixture
-def two_torch_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 def _batch(n: int = 6, frames: int = 24) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     return {"x": torch.randn(n, frames, 128, generator=g), "y": (torch.rand(n, 9, generator=g) < 0.3).float()}
