@@ -1,12 +1,14 @@
 """Training-step benchmark: genreclf's models against the reference's Keras models, on the same function.
 
-    python benchmarks/train.py [--threads 2] [--rounds 3] [--steps 4] [--models gru transformer]
+    python benchmarks/train.py [--threads 2] [--rounds 3] [--steps 4] [--models gru transformer] [--ours ours ddp]
 
 Needs the [bench] extra (tensorflow-cpu, tf-keras). For each model the Keras twin
 (benchmarks/reference_keras.py) gets our weights and the outputs are checked to agree within
 1e-5, then one training step (forward, weighted BCE, backward, Adam(1e-5)) on random log-mel
-crops of batch 32 is timed for both: crops of 128, 192 and 256 frames and a random 128-256 mix
-(one length per batch, as training draws them; the same lengths for both). Ours and Keras
+crops of batch 32 is timed for both: crops of 128, 192 and 256 frames and a mix of 8 lengths spread
+evenly over 128-256 (one length per batch, as training draws them; the same for both). "ours" is one
+process as `genreclf train` runs it (within lightning_modules.cpu_fit), "ddp" two single-threaded
+processes sharing each batch of 32 with DDP's all-reduce. Ours and Keras
 alternate, crop by crop, for --rounds rounds; per cell the fastest round counts (on a shared
 machine, the one least disturbed by others). Prints samples/s and ours/Keras, and the machine.
 Both run --threads intra-op threads (TensorFlow's inter-op pool too).
@@ -190,7 +192,10 @@ def main() -> None:
 
     rng = np.random.default_rng(0)
     cases = {str(t): [t] * args.steps for t in CROPS}
-    cases["mix"] = [int(t) for t in rng.integers(MIX[0], MIX[1] + 1, size=max(args.steps, 8))]
+    # Training's draw: every length of 128-256 as likely (mean 192). Shuffled: lengths of 129-192 cost the
+    # Transformer's attention one 64-frame block less than 193-256, whatever their order.
+    mix = np.linspace(MIX[0], MIX[1], max(args.steps, 8)).round().astype(int)
+    cases["mix"] = [int(t) for t in rng.permutation(mix)]
     print(
         f"{cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}, TensorFlow {tf_version()}; "
         f"{args.threads} threads each; batch {BATCH}, best of {args.rounds} rounds of {args.steps} steps",
