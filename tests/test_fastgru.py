@@ -122,3 +122,18 @@ def test_the_directions_share_the_process_threads(threads, halves):
         assert torch.get_num_threads() == threads
     finally:
         torch.set_num_threads(before)
+
+
+def test_within_side_by_side_the_tagger_scores_without_gradients_through_fast_gru(two_torch_threads):
+    torch.manual_seed(0)
+    model = GRUTagger(GRUConfig(n_genres=7, hidden=16)).eval()
+    x = torch.randn(3, 20, 128)
+    with torch.no_grad():
+        want = model.head(model.gru(x)[0].mean(1))  # nn.GRU
+        calls = []
+        model.gru.register_forward_hook(lambda *_: calls.append("nn.GRU"))
+        with side_by_side(), torch.inference_mode():  # as Lightning validates within a fit
+            got = model(x)
+        assert calls == []  # our layers ran, not nn.GRU's
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        assert model(x) is not None and calls == ["nn.GRU"]  # outside a fit: nn.GRU, faster with 2 threads
