@@ -33,7 +33,7 @@ import torch
 from common import describe_machine
 from torch.utils.data import DataLoader
 
-from genreclf.audio import N_FRAMES, N_MELS, SignalConfig
+from genreclf.audio import N_FRAMES, N_MELS
 from genreclf.data import CropBatchSampler, CropDataset, collate, loader, split_positions
 from genreclf.datamodule import memory_available
 from genreclf.evaluate import predict_store
@@ -94,17 +94,7 @@ def write_store(path: Path, n: int, seed: int = 0) -> None:
     targets = np.zeros((n, len(genres)), np.uint8)
     for row in range(n):
         targets[row, rng.choice(len(genres), size=rng.integers(1, 4), replace=False)] = 1
-    header = StoreHeader(
-        signal=SignalConfig(),
-        genres=list(genres.names),
-        genre_ids=[int(i) for i in genres.ids],
-        genre_parents=[int(i) for i in genres.parents],
-        genre_top_level=[int(i) for i in genres.top_level],
-        labels="genres",
-        subset="large",
-        n_parts=1,
-        source="benchmarks/scale.py (random features)",
-    )
+    header = StoreHeader.of_genres(genres, n_parts=1, source="benchmarks/scale.py (random features)")
     path.mkdir(parents=True)
     (path / "store.json").write_text(header.to_json())
     t0 = time.perf_counter()

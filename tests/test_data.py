@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 import torch
 
-from genreclf.audio import N_FRAMES, N_MELS, SignalConfig
+from genreclf.audio import N_FRAMES, N_MELS
 from genreclf.crops import crop_starts
 from genreclf.data import (
     CropBatchSampler,
@@ -28,17 +28,7 @@ def parts_path(tmp_path_factory):
     track ids shuffled across the parts, so that store positions (by track id) interleave parts and rows."""
     path = tmp_path_factory.mktemp("parts") / "store"
     genres, rng = load_genres(), np.random.default_rng(0)
-    header = StoreHeader(
-        signal=SignalConfig(),
-        genres=list(genres.names),
-        genre_ids=[int(i) for i in genres.ids],
-        genre_parents=[int(i) for i in genres.parents],
-        genre_top_level=[int(i) for i in genres.top_level],
-        labels="genres",
-        subset="large",
-        n_parts=2,
-        source="tests (random features)",
-    )
+    header = StoreHeader.of_genres(genres, n_parts=2, source="tests (random features)")
     path.mkdir()
     (path / "store.json").write_text(header.to_json())
     ids = rng.permutation(np.arange(1, 28))

@@ -20,6 +20,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -27,6 +28,9 @@ import pandas as pd
 from genreclf.atomic import atomic_save_npy, atomic_write_text
 from genreclf.audio import SignalConfig
 from genreclf.errors import GenreclfError
+
+if TYPE_CHECKING:  # annotations only
+    from genreclf.metadata import Genres
 
 STORE_FORMAT = "genreclf-feature-store"
 STORE_VERSION = 1
@@ -51,6 +55,23 @@ class StoreHeader:
     subset: str  # FMA subset the tracks were selected from
     n_parts: int
     source: str  # the corpus folder that was featurized
+
+    @classmethod
+    def of_genres(
+        cls, genres: Genres, n_parts: int, source: str, labels: str = "genres", subset: str = "large"
+    ) -> StoreHeader:
+        """Return the header of a store over FMA's genre vocabulary `genres` (genreclf.metadata.Genres)."""
+        return cls(
+            signal=SignalConfig(),
+            genres=list(genres.names),
+            genre_ids=[int(i) for i in genres.ids],
+            genre_parents=[int(i) for i in genres.parents],
+            genre_top_level=[int(i) for i in genres.top_level],
+            labels=labels,
+            subset=subset,
+            n_parts=n_parts,
+            source=source,
+        )
 
     def to_json(self) -> str:
         """The header as store.json text."""
