@@ -147,7 +147,7 @@ def train_rate(store: FeatureStore, positions: np.ndarray, kind: str) -> float:
         if i == 3:
             t0, n = time.perf_counter(), 0
         opt.zero_grad()
-        weighted_bce(model(batch["x"], batch["lengths"]), batch["y"], 4.0).backward()
+        weighted_bce(model(batch["x"], batch.get("lengths")), batch["y"], 4.0).backward()
         opt.step()
         n += len(batch["x"])
         if i == 3 + TRAIN_STEPS - 1:

@@ -27,6 +27,7 @@ from genreclf.models import (
     config_to_dict,
     count_parameters,
     frame_mask,
+    masked_mean,
     model_from_config,
     sinusoidal_encoding,
 )
@@ -64,6 +65,17 @@ def test_any_crop_length_gives_logits(kind):
             logits = model(x, torch.tensor([frames, max(1, frames // 2)]))
             assert logits.shape == (2, 163) and torch.isfinite(logits).all()
             assert model(x).shape == (2, 163)
+
+
+def test_whole_crops_give_what_their_masked_mean_gives():
+    # Batches of whole crops leave out their lengths (genreclf.data.lengths_entry): the same logits, to the bit.
+    torch.manual_seed(0)
+    h = torch.randn(3, 50, 16)
+    assert torch.equal(h.sum(1) / 50, masked_mean(h, torch.ones(3, 50, dtype=torch.bool)))
+    x = torch.randn(2, 50, 128)
+    for model in (model_from_config(GRUConfig()).eval(), model_from_config(TransformerConfig()).eval()):
+        with torch.no_grad():
+            assert torch.equal(model(x, torch.tensor([50, 50])), model(x))
 
 
 @pytest.mark.parametrize("cfg", BOTH_SMALL + [GRUConfig(), TransformerConfig()], ids=_id)

@@ -67,15 +67,30 @@ class CropDataset(Dataset):
         return crop, self.store.targets[position], counted[0] if counted else 1
 
 
+def lengths_entry(lengths: Tensor) -> dict[str, Tensor]:
+    """Return a batch's {"lengths": lengths} entry, or none where every crop is as long as the longest.
+
+    A batch of whole crops (training's, mostly) leaves its lengths out, as the models take them: with
+    lengths on a GPU, finding that no frame is padding would wait for the device every step.
+    """
+    return {} if bool((lengths == lengths.max()).all()) else {"lengths": lengths}
+
+
 def collate(items: list[tuple]) -> dict[str, torch.Tensor]:
-    """Stack crops into a zero-padded batch with their real lengths, float targets and "counted" flags."""
+    """Stack crops into a zero-padded batch with their real lengths (`lengths_entry`), float targets and
+    "counted" flags."""
     lengths = [len(item[0]) for item in items]
     x = np.zeros((len(items), max(lengths), items[0][0].shape[1]), np.float32)
     for i, item in enumerate(items):
         x[i, : len(item[0])] = item[0]
     y = np.stack([item[1] for item in items]).astype(np.float32)
     counted = torch.tensor([bool(item[2]) if len(item) > 2 else True for item in items])
-    return {"x": torch.from_numpy(x), "lengths": torch.tensor(lengths), "y": torch.from_numpy(y), "counted": counted}
+    return {
+        "x": torch.from_numpy(x),
+        **lengths_entry(torch.tensor(lengths)),
+        "y": torch.from_numpy(y),
+        "counted": counted,
+    }
 
 
 class CropBatchSampler(Sampler):
@@ -206,8 +221,9 @@ def crop_frames(starts: Tensor, lengths: Tensor, longest: int) -> tuple[Tensor, 
 def read_batch(store: FeatureStore, items: list[tuple[int, ...]], index_only: bool = False) -> dict[str, Tensor]:
     """Return one batch of (position, start, length[, counted]) items, as `collate` of the per-item path does.
 
-    {"x": float32 (B, L, mels) zero-padded, "lengths": int64, "y": float32 targets, "counted": bool}; with
-    `index_only`, no "x" but "position" and "start" (int64), for `DeviceFeatures.crops` to cut on its device.
+    {"x": float32 (B, L, mels) zero-padded, "lengths": int64 (left out where every crop is whole:
+    `lengths_entry`), "y": float32 targets, "counted": bool}; with `index_only`, no "x" but "position",
+    "start" and "lengths" (int64), for `DeviceFeatures.crops` to cut on its device.
     """
     positions, starts, lengths, counted = _columns(items)
     batch = {
@@ -218,7 +234,7 @@ def read_batch(store: FeatureStore, items: list[tuple[int, ...]], index_only: bo
     if index_only:
         return {"position": torch.from_numpy(positions), "start": torch.from_numpy(starts), **batch}
     longest = int(lengths.max())
-    frames, _ = crop_frames(torch.from_numpy(starts), batch["lengths"], longest)
+    frames, _ = crop_frames(torch.from_numpy(starts), batch.pop("lengths"), longest)
     crops = torch.from_numpy(store.gather(positions, frames.numpy()))
     # Converted crop by crop: torch's float16 -> float32 is ~10x numpy's astype (0.07 vs 1.3 ms a batch of
     # 32 x 256 frames), and a crop of up to 256 frames is within torch's grain for one thread (32,768
@@ -229,7 +245,7 @@ def read_batch(store: FeatureStore, items: list[tuple[int, ...]], index_only: bo
         row[:length].copy_(crop[:length])
         if length < longest:
             row[length:].zero_()
-    return {"x": x, **batch}
+    return {"x": x, **lengths_entry(torch.from_numpy(lengths)), **batch}
 
 
 class CropBatches(Dataset):

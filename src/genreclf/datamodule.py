@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 
-from genreclf.data import DeviceFeatures, loader
+from genreclf.data import DeviceFeatures, lengths_entry, loader
 from genreclf.errors import GenreclfError
 from genreclf.store import FeatureStore
 
@@ -136,7 +136,7 @@ class RunData(L.LightningDataModule):
         if self.device_features is None:
             raise RuntimeError("an index batch before RunData.setup built the device's features")
         x = self.device_features.crops(batch["position"], batch["start"], batch["lengths"])
-        rest = {k: batch[k] for k in ("lengths", "y", "counted")}
+        rest = {**lengths_entry(batch["lengths"]), "y": batch["y"], "counted": batch["counted"]}  # on the host
         return {"x": x, **super().transfer_batch_to_device(rest, device, dataloader_idx)}
 
     def teardown(self, stage: str) -> None:

@@ -289,8 +289,12 @@ class TransformerTagger(nn.Module):
 
     def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
         """Return logits (batch, n_genres) for x (batch, frames, n_mels), 1 <= lengths <= frames."""
-        h = self.pool_drop(self.encode(x, lengths))
         b, t, _ = x.shape
+        if lengths is not None and bool((lengths >= t).all()):
+            lengths = None  # whole crops: no mask in the encoder, nor in the mean
+        h = self.pool_drop(self.encode(x, lengths))
+        if lengths is None:
+            return self.head(h.sum(1) / t)  # as masked_mean computes it, without a pass to mask nothing
         return self.head(masked_mean(h, frame_mask(lengths, b, t, x.device)))
 
     def load_encoder_state_dict(self, state: dict[str, Tensor]) -> None:
