@@ -62,6 +62,7 @@ def test_train_writes_a_self_describing_model(pipeline, model, params):
     # What the numbers depend on: genreclf's version, torch's, and the CPU kernels torch chose.
     assert mf.provenance["genreclf"] == genreclf.__version__
     assert mf.provenance["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert mf.provenance["fit"]["precision"] == "auto" and mf.provenance["precision"] == "32-true"  # as it ran
     info = json.loads((run / "train.json").read_text())
     assert info["parameters"] == params and info["epochs"] == 1
     # Round trip: saving what was loaded gives the same predictions.

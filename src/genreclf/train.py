@@ -521,6 +521,7 @@ def train(
         "train_config": dataclasses.asdict(optim),
         "train_seconds": seconds,
         "processes": trainer.world_size,
+        "precision": trainer.precision,  # what ran ("32-true", "bf16-mixed"): fit.precision "auto" resolved
     }
     thresholds = _thresholds(best.model, store, fit, progress)
     model_path = ModelFile(
@@ -570,7 +571,9 @@ def pretrain(
     trainer = run.trainer
     best_val = float(trainer.checkpoint_callback.best_model_score or float("nan"))
     if trainer.is_global_zero:  # under DDP one process writes the run's files
-        provenance = _provenance(run.store, fit, run.counts, {"processes": trainer.world_size})
+        provenance = _provenance(
+            run.store, fit, run.counts, {"processes": trainer.world_size, "precision": trainer.precision}
+        )
         save_tensors(
             out,
             best.encoder_state_dict(),
