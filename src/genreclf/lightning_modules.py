@@ -189,7 +189,10 @@ class _GradientsOf(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        # grad is 1 from Lightning's backward, NaN where genreclf.nonfinite has found the loss not finite
+        # grad is 1 from Lightning's backward (the gradients as they are: no pass over them on the step's one
+        # busy thread), NaN where genreclf.nonfinite has found the loss not finite
+        if grad.device.type == "cpu" and grad.numel() == 1 and grad.item() == 1.0:
+            return None, None, *ctx.grads
         return None, None, *(None if g is None else g * grad for g in ctx.grads)
 
 
