@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import multiprocessing as mp
 import os
 import platform
@@ -38,6 +39,7 @@ N_MELS, N_GENRES = 128, 163
 CROPS = (128, 192, 256)
 MIX = (128, 256)  # the random crop range of training
 TARGET = 1.2  # ours / Keras samples per second, at least
+PEER_TIMEOUT = datetime.timedelta(minutes=2)  # the "ddp" implementation's collectives
 CONFIGS = {"gru": GRUConfig, "transformer": TransformerConfig}
 
 
@@ -119,7 +121,9 @@ def batches(lengths: list[int], seed: int) -> list[tuple[np.ndarray, np.ndarray]
 def _ddp_rank(kind: str, rank: int, port: int, conn) -> None:
     """One of the "ddp" implementation's 2 processes: single-threaded, its half of every batch of 32."""
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    # A peer that dies makes the other's next collective fail within the timeout, rather than wait for 30 minutes.
+    init = f"tcp://127.0.0.1:{port}"
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2, timeout=PEER_TIMEOUT)
     runner = Ours(kind, ddp=True)
     with cpu_fit(runner.module):
         # Rank 0 takes the requests and hands them on; it times the steps of both, between barriers.
@@ -175,6 +179,14 @@ def worker(impl: str, kind: str, threads: int, conn) -> None:
             conn.send(sum(len(x) for x, _ in data) / (time.perf_counter() - t0))
 
 
+def _answer(impl: str, conn) -> float:
+    """Return a worker's next answer; if it died, stop with one line (its traceback is above)."""
+    try:
+        return conn.recv()
+    except EOFError:
+        raise SystemExit(f"the {impl!r} worker process died (its error is above)") from None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads of both frameworks")
@@ -211,21 +223,22 @@ def main() -> None:
             # Not daemonic: the "ddp" worker starts its second process itself.
             procs.append(ctx.Process(target=worker, args=(impl, kind, args.threads, child), daemon=impl != "ddp"))
             procs[-1].start()
+            child.close()  # the worker's end is the worker's only: if it dies, recv() here fails instead of waiting
             conns[impl] = parent
-        diff = max(conn.recv() for conn in conns.values())
+        diff = max(_answer(impl, conn) for impl, conn in conns.items())
         if diff > 1e-5:
             raise SystemExit(f"{kind}: Keras and ours disagree by {diff:.2e} on the same weights")
         print(f"{kind}: Keras = ours within {diff:.1e} on the same weights", flush=True)
         warm = sorted(set(CROPS) | set(cases["mix"]))  # Keras traces each new length once
-        for conn in conns.values():
+        for impl, conn in conns.items():
             conn.send((warm, 1))
-            conn.recv()
+            _answer(impl, conn)
         for r in range(args.rounds):
             for name, lengths in cases.items():
                 for impl, conn in conns.items():  # one at a time: the other process waits, idle
                     conn.send((lengths, 100 + r))
                     best = results.setdefault((kind, name), {})
-                    best[impl] = max(best.get(impl, 0.0), conn.recv())
+                    best[impl] = max(best.get(impl, 0.0), _answer(impl, conn))
         for conn in conns.values():
             conn.send(None)
         for proc in procs:
