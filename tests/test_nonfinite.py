@@ -78,6 +78,7 @@ def test_a_nan_weight_stops_the_run_and_resume_continues_from_the_last_good_epoc
     text = message(err)
     assert text.startswith("training loss is nan in epoch 2, batch 1 of 4: ")
     assert "training diverged" in text and f"the weights of epoch 1 are kept in {out}/checkpoints/last.ckpt" in text
+    assert text.endswith("; --resume with a lower --set-lr")
     assert sorted(spoil.saved) == ["best.ckpt", "last.ckpt"]
     assert files(out / "checkpoints") == spoil.saved  # epoch 1's checkpoints, untouched
     assert not (out / "model.safetensors").exists() and not (out / "encoder.safetensors").exists()

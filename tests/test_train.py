@@ -298,3 +298,27 @@ def test_bf16_mixed_precision_trains_on_the_cpu(store_dir, tmp_path, model):
     )
     assert autocast.seen == {(True, torch.bfloat16)} and math.isfinite(result.best_val_loss)
     assert all(math.isfinite(float(v)) for pair in _losses(tmp_path / "run") for v in pair)
+
+
+def test_a_resumed_run_goes_on_at_the_learning_rate_set(store_dir, tmp_path, capsys, caplog):
+    run = tmp_path / "run"
+    fit = dataclasses.replace(FIT, epochs=1)
+    train(store_dir, run, fit, OPTIM, progress=False)
+    with caplog.at_level(logging.INFO, logger="genreclf"):
+        train(store_dir, run, dataclasses.replace(fit, epochs=3, set_lr=2e-4), OPTIM, resume=True, progress=False)
+    assert "learning rate set to 0.0002 from epoch 1 (it was 0.001)" in caplog.text
+    _, epochs = rows(run / "logs" / "metrics.csv")
+    assert [float(row["lr"]) for row in epochs] == [1e-3, 2e-4, 2e-4]  # no plateau within 3 epochs
+    assert all(math.isfinite(float(row["val_loss"])) for row in epochs)
+    assert ModelFile.load(run / "model.safetensors").provenance["fit"]["set_lr"] == 2e-4
+    # Only with --resume; a new run takes --lr. One line, nothing written.
+    new = tmp_path / "new"
+    argv = ["train", "--model", "gru", "--store", str(store_dir), "--out", str(new), "--accelerator", "cpu"]
+    assert main([*argv, "--set-lr", "1e-4"]) == 2
+    err = capsys.readouterr().err
+    assert "--set-lr changes the learning rate of a resumed run (with --resume)" in err and err.count("\n") == 1
+    assert not new.exists()
+    with pytest.raises(SystemExit):
+        main([*argv, "--resume", "--set-lr", "0"])
+    with pytest.raises(GenreclfError, match="set_lr must be a positive learning rate"):
+        FitConfig(set_lr=float("nan"))

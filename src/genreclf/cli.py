@@ -179,6 +179,7 @@ def _fit_config(args: argparse.Namespace, model: str):
         strategy=args.strategy,
         cache=args.cache,
         precision=args.precision,
+        set_lr=args.set_lr,
     )
 
 
@@ -1102,6 +1103,12 @@ def _add_fit(p: argparse.ArgumentParser, optimiser: type) -> None:
         help="Lightning strategy: auto, or ddp (one process per device, launched by torchrun or srun; gloo on CPU)",
     )
     p.add_argument("--resume", action="store_true", help="continue OUT from its last checkpoint")
+    p.add_argument(
+        "--set-lr",
+        type=_positive_float,
+        metavar="LR",
+        help="with --resume: the learning rate from the next epoch on (e.g. lower, after a divergence)",
+    )
 
 
 def _add_evaluate(p: argparse.ArgumentParser) -> None:

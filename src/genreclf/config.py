@@ -41,8 +41,13 @@ class FitConfig:
     strategy: str = "auto"  # Lightning strategy: auto, or ddp (one process per device; gloo on CPU, NCCL on GPU)
     cache: str = "none"  # one of CACHES: "none" memory-maps the store; "ram" and "gpu" hold it whole
     precision: str = "auto"  # one of PRECISIONS: "auto" is bf16-mixed on a bfloat16 CUDA GPU, 32 elsewhere
+    # A resumed run only: the learning rate from its next epoch on, the plateau schedule going on from it (after a
+    # divergence, say); the optimiser's other state and the crops are the run's own. None: the checkpoint's.
+    set_lr: float | None = None
 
     def __post_init__(self) -> None:
+        if self.set_lr is not None and not (math.isfinite(self.set_lr) and self.set_lr > 0):
+            raise GenreclfError(f"set_lr must be a positive learning rate, got {self.set_lr!r}")
         if self.cache not in CACHES:
             raise GenreclfError(f"unknown cache {self.cache!r}; use one of {', '.join(CACHES)}")
         if self.precision not in PRECISIONS:

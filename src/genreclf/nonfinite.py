@@ -90,7 +90,7 @@ class StopOnNonFinite(Callback):
             fix = f"re-featurize the store, then {'--resume' if done else 'train again'}"
         else:
             cause = "the features of the crops are finite, so training diverged"
-            fix = "train again into a new --out with a lower --lr (--resume would repeat the same steps)"
+            fix = "--resume with a lower --set-lr" if done else "train again with a lower --lr"
         raise NonFiniteLoss(f"{what}: {cause}; {kept}; {fix}")
 
 

@@ -170,9 +170,13 @@ def _prepare(
             f"the model config is for {model_config.kind!r} on {model_config.n_genres} genres, not {fit.model!r} "
             f"on the store's {len(store.genres)}"
         )
+    if fit.set_lr is not None and not resume:
+        raise GenreclfError("--set-lr changes the learning rate of a resumed run (with --resume); a new run takes --lr")
     next_epoch = _check_resumable(last, model_config) if resume else 0
     if fit.epochs < 1 or fit.batch_size < 1:
         raise GenreclfError("epochs and batch size must be at least 1")
+    if fit.set_lr is not None:
+        callbacks = [*callbacks, SetLearningRate(fit.set_lr)]
     with _quiet_lightning():
         trainer = _trainer(run_dir, fit, progress, callbacks)  # knows this process's rank and the world size
     rank, world = trainer.global_rank, trainer.world_size
@@ -209,6 +213,21 @@ def _prepare(
             log.info("--cache gpu: index batches are made in the training process, --workers %d unused", workers)
     counts = len(train_pos), len(val_pos)
     return _Run(store, run_dir, last if resume else None, trainer, data, counts, model_config)
+
+
+class SetLearningRate(Callback):
+    """Sets every parameter group's learning rate once a resumed fit has restored its optimiser (--set-lr)."""
+
+    def __init__(self, lr: float):
+        self.lr = lr
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        groups = [group for optimizer in trainer.optimizers for group in optimizer.param_groups]
+        was = sorted({group["lr"] for group in groups})
+        for group in groups:
+            group["lr"] = self.lr
+        if trainer.is_global_zero:
+            log.info("learning rate set to %g from epoch %d (it was %s)", self.lr, trainer.current_epoch, was[0])
 
 
 def _check_resumable(last: Path, model_config: ModelConfig) -> int:
@@ -251,6 +270,7 @@ RESUMABLE = (
     "strategy",
     "cache",
     "precision",
+    "set_lr",
 )
 
 
