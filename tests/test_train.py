@@ -306,7 +306,7 @@ def test_a_resumed_run_goes_on_at_the_learning_rate_set(store_dir, tmp_path, cap
     train(store_dir, run, fit, OPTIM, progress=False)
     with caplog.at_level(logging.INFO, logger="genreclf"):
         train(store_dir, run, dataclasses.replace(fit, epochs=3, set_lr=2e-4), OPTIM, resume=True, progress=False)
-    assert "learning rate set to 0.0002 from epoch 1 (it was 0.001)" in caplog.text
+    assert "learning rate set to 0.0002 from epoch 2 on (it was 0.001)" in caplog.text  # epochs count from 1
     _, epochs = rows(run / "logs" / "metrics.csv")
     assert [float(row["lr"]) for row in epochs] == [1e-3, 2e-4, 2e-4]  # no plateau within 3 epochs
     assert all(math.isfinite(float(row["val_loss"])) for row in epochs)

@@ -227,7 +227,7 @@ class SetLearningRate(Callback):
         for group in groups:
             group["lr"] = self.lr
         if trainer.is_global_zero:
-            log.info("learning rate set to %g from epoch %d (it was %s)", self.lr, trainer.current_epoch, was[0])
+            log.info("learning rate set to %g from epoch %d on (it was %g)", self.lr, trainer.current_epoch + 1, was[0])
 
 
 def _check_resumable(last: Path, model_config: ModelConfig) -> int:
