@@ -21,6 +21,7 @@ import torch
 from conftest import write_nan_features
 
 from genreclf.config import FitConfig, PretrainConfig, TrainConfig
+from genreclf.datamodule import refuse_together
 from genreclf.errors import GenreclfError
 from genreclf.lightning_modules import PretrainModule, TaggerModule
 from genreclf.models import GRUConfig, TransformerConfig
@@ -57,6 +58,24 @@ try:
     train(store, out, FitConfig(**json.loads(fit)), TrainConfig(lr=1e-3), progress=False)
 except GenreclfError as e:
     Path(errors, os.environ["RANK"]).write_text(str(e))
+"""
+
+
+# Process 0 alone refuses (as when its GPU is short of memory): each process writes what it raised to ERRORS/RANK.
+SCRIPT_REFUSE = """
+import os, sys
+from pathlib import Path
+import torch
+from genreclf.datamodule import refuse_together
+from genreclf.errors import GenreclfError
+
+torch.distributed.init_process_group("gloo")
+rank = torch.distributed.get_rank()
+try:
+    refuse_together(GenreclfError("no room on this GPU") if rank == 0 else None, torch.device("cpu"))
+except GenreclfError as e:
+    Path(sys.argv[1], str(rank)).write_text(str(e))
+torch.distributed.destroy_process_group()
 """
 
 
@@ -172,3 +191,19 @@ def test_every_trainable_parameter_gets_a_gradient(module):
     loss = module.masked_loss(x, batch["lengths"]) if isinstance(module, PretrainModule) else module._loss(batch)
     loss.backward()
     assert [n for n, p in module.named_parameters() if p.requires_grad and p.grad is None] == []
+
+
+def test_a_refusal_in_one_process_stops_every_process(tmp_path):
+    errors = tmp_path / "errors"
+    errors.mkdir()
+    script = tmp_path / "refuse.py"
+    script.write_text(SCRIPT_REFUSE)
+    torchrun(str(script), str(errors))  # both return: neither waits for the other
+    said = {p.name: p.read_text() for p in errors.iterdir()}
+    assert said == {
+        "0": "no room on this GPU",
+        "1": "another process of this run refused its --cache (its error says why); nothing was trained",
+    }
+    refuse_together(None, torch.device("cpu"))  # one process, nothing to refuse: goes on
+    with pytest.raises(GenreclfError, match="^no room$"):
+        refuse_together(GenreclfError("no room"), torch.device("cpu"))

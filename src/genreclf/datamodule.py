@@ -48,6 +48,25 @@ def check_fits(need: int, available: int | None, what: str, where: str, instead:
         )
 
 
+def refuse_together(error: GenreclfError | None, device: torch.device) -> None:
+    """Raise `error` here, and a GenreclfError in every other process of the run, if any process has one.
+
+    A refusal in one process alone (its GPU short of memory) would leave the others waiting for it at their
+    next collective (under srun, for DDP's 30-minute timeout); so each process says whether it refuses, on
+    `device` (NCCL's collectives take CUDA tensors), and all of them stop in one line if any does.
+    """
+    others = 0
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        refused = torch.tensor([error is not None], dtype=torch.int32, device=device)
+        torch.distributed.all_reduce(refused)
+        others = int(refused.item()) - (error is not None)
+    if error is not None:
+        raise error
+    if others:
+        which = "another process" if others == 1 else f"{others} other processes"
+        raise GenreclfError(f"{which} of this run refused its --cache (its error says why); nothing was trained")
+
+
 def check_cache(store: FeatureStore, cache: str, device: torch.device, processes: int) -> None:
     """Raise GenreclfError if `cache` cannot be used for training on `device`, by `processes` on this machine.
 
@@ -105,6 +124,7 @@ class RunData(L.LightningDataModule):
                 )
         elif self.cache == "gpu" and self.device_features is None:
             need = len(self.store) * self.store.frame_shape[0] * self.store.frame_shape[1] * 2
+            refusal = None
             if device.type == "cuda":
                 free, total = torch.cuda.mem_get_info(device)
                 # Memory this process's allocator holds but does not use (an earlier run's cache, in compare)
@@ -113,7 +133,11 @@ class RunData(L.LightningDataModule):
                 where = (
                     f"on {device} (with {GPU_HEADROOM / 2**30:.0f} GiB left for training; {total / 1e9:.1f} GB in all)"
                 )
-                check_fits(need + GPU_HEADROOM, free, "gpu", where, "--cache ram or --cache none")
+                try:
+                    check_fits(need + GPU_HEADROOM, free, "gpu", where, "--cache ram or --cache none")
+                except GenreclfError as e:
+                    refusal = e
+            refuse_together(refusal, device)  # a GPU short of memory stops every process, not only its own
             self.device_features = DeviceFeatures(self.store, device)
             if reports:
                 log.info(
