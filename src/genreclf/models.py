@@ -103,6 +103,11 @@ def frame_mask(lengths: Tensor | None, batch: int, frames: int, device: torch.de
     return torch.arange(frames, device=device) < lengths.to(device).unsqueeze(1)
 
 
+def unless_whole(lengths: Tensor | None, frames: int) -> Tensor | None:
+    """Return lengths, or None where every sequence is whole (as long as the frames): no padding to mask."""
+    return None if lengths is None or bool((lengths >= frames).all()) else lengths
+
+
 def masked_mean(h: Tensor, mask: Tensor) -> Tensor:
     """Return the mean of h (batch, frames, dim) over the frames where mask is True."""
     # where(), not h * mask: padding may hold NaN/inf and 0 * inf is NaN.
@@ -204,8 +209,8 @@ class TransformerEncoder(nn.Module):
         b, t, _ = x.shape
         # No mask when every sequence is whole (training crops, prediction's crops): same outputs, and
         # attention without a mask takes a faster kernel (4% of a forward pass on a CPU).
-        full = lengths is None or bool((lengths >= t).all())
-        mask = None if full else frame_mask(lengths, b, t, x.device)
+        lengths = unless_whole(lengths, t)
+        mask = None if lengths is None else frame_mask(lengths, b, t, x.device)
         if mask is not None:
             # Zero the padding so that NaN/inf there cannot leak through 0-weight attention.
             x = x.masked_fill(~mask.unsqueeze(-1), 0.0)
@@ -255,7 +260,8 @@ class GRUTagger(nn.Module):
     def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
         """Return logits (batch, n_genres) for x (batch, frames, n_mels), 1 <= lengths <= frames."""
         b, t, _ = x.shape
-        if lengths is None or bool((lengths >= t).all()):
+        lengths = unless_whole(lengths, t)
+        if lengths is None:
             # On the CPU our own bidirectional layers (same parameters, same function) train ~2x faster; without
             # gradients, within a fit's twin.side_by_side (validation: one intra-op thread) too (batch 32 of 256
             # frames: 85 ms where nn.GRU took 118), elsewhere (evaluate, predict) nn.GRU's forward is faster.
@@ -290,8 +296,7 @@ class TransformerTagger(nn.Module):
     def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
         """Return logits (batch, n_genres) for x (batch, frames, n_mels), 1 <= lengths <= frames."""
         b, t, _ = x.shape
-        if lengths is not None and bool((lengths >= t).all()):
-            lengths = None  # whole crops: no mask in the encoder, nor in the mean
+        lengths = unless_whole(lengths, t)  # whole crops: no mask in the encoder, nor in the mean
         h = self.pool_drop(self.encode(x, lengths))
         if lengths is None:
             return self.head(h.sum(1) / t)  # as masked_mean computes it, without a pass to mask nothing

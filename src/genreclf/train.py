@@ -223,11 +223,11 @@ class SetLearningRate(Callback):
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         groups = [group for optimizer in trainer.optimizers for group in optimizer.param_groups]
-        was = sorted({group["lr"] for group in groups})
+        was = min(group["lr"] for group in groups)
         for group in groups:
             group["lr"] = self.lr
         if trainer.is_global_zero:
-            log.info("learning rate set to %g from epoch %d on (it was %g)", self.lr, trainer.current_epoch + 1, was[0])
+            log.info("learning rate set to %g from epoch %d on (it was %g)", self.lr, trainer.current_epoch + 1, was)
 
 
 def _check_resumable(last: Path, model_config: ModelConfig) -> int:
